@@ -1,0 +1,234 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+"""Compiled kernels of the blocked penalized least-squares (PLS) factorization.
+
+The PLS system of Bates et al. (2015, JSS 67(1), eqs. 18-20) for a given θ is factored
+as one lower Cholesky factor of the augmented cross-product matrix
+
+    Ω(θ) = [Λ'Z'ZΛ + I   Λ'Z'X   Λ'Z'y]
+           [X'ZΛ         X'X     X'y  ]   = L L'
+           [y'ZΛ         y'X     y'y  ]
+
+whose trailing rows hold R_ZX, R_X and the square root of the penalized residual sum of
+squares r²(θ) (eq. 19 and the profiled deviance, eq. 34).  The random-effects term with
+most levels comes first; its Λ'Z'ZΛ + I block is block diagonal (one k×k block per level),
+so its factor is block diagonal too.  Everything after it (the remaining terms, X and y)
+is one dense block:
+
+    L = [L11  0  ]      L11 : block diagonal, m1 blocks of k1×k1
+        [L21  L22]      L21 : block-sparse, a dense (rows_j × k1) panel per level j
+                        L22 : dense D×D, D = q_rest + p + 1
+
+``update_blocked`` computes L from the stored cross-products in one call with the GIL
+released.  ``pls.dense_factor`` is its dense numpy oracle.
+"""
+import numpy as np
+cimport numpy as cnp
+from libc.math cimport sqrt, log
+from scipy.linalg.cython_lapack cimport dpotrf
+
+cnp.import_array()
+
+
+cdef int chol_small(double* a, Py_ssize_t k) noexcept nogil:
+    """In-place lower Cholesky of a row-major k×k matrix; 0 on success, j+1 if pivot j fails."""
+    cdef Py_ssize_t i, j, c
+    cdef double s, t
+    for j in range(k):
+        s = a[j * k + j]
+        for c in range(j):
+            s -= a[j * k + c] * a[j * k + c]
+        if not (s > 0.0):
+            return <int>(j + 1)
+        s = sqrt(s)
+        a[j * k + j] = s
+        for i in range(j + 1, k):
+            t = a[i * k + j]
+            for c in range(j):
+                t -= a[i * k + c] * a[j * k + c]
+            a[i * k + j] = t / s
+            a[j * k + i] = 0.0
+    return 0
+
+
+cdef void rows_tmul(double* m, Py_ssize_t ld, Py_ssize_t ncol, const double* T,
+                    Py_ssize_t k) noexcept nogil:
+    """M[0:k, 0:ncol] <- T' M[0:k, 0:ncol] for lower-triangular T (row-major k×k), in place."""
+    cdef Py_ssize_t a, b, c
+    cdef double s
+    for c in range(ncol):
+        for a in range(k):
+            s = 0.0
+            for b in range(a, k):
+                s += T[b * k + a] * m[b * ld + c]
+            m[a * ld + c] = s
+
+
+cdef void cols_mul(double* m, Py_ssize_t ld, Py_ssize_t nrow, const double* T,
+                   Py_ssize_t k) noexcept nogil:
+    """M[0:nrow, 0:k] <- M[0:nrow, 0:k] T for lower-triangular T (row-major k×k), in place."""
+    cdef Py_ssize_t r, a, b
+    cdef double s
+    for r in range(nrow):
+        for a in range(k):
+            s = 0.0
+            for b in range(a, k):
+                s += m[r * ld + b] * T[b * k + a]
+            m[r * ld + a] = s
+
+
+cdef int update_blocked_core(
+        const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
+        const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
+        const double* A22, Py_ssize_t D, Py_ssize_t nz,
+        const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
+        const double* Tflat,
+        double* L11, double* L21, double* L22) noexcept nogil:
+    cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr
+    cdef double s
+    cdef double* blk
+    cdef double* v
+    cdef int info = 0
+    cdef int n_i, lda_i
+    cdef char uplo = b'U'
+
+    # ---- L22 <- Λr' A22 Λr  (+ I on the random-effects rows)
+    for r in range(D):
+        for c in range(D):
+            L22[r * D + c] = A22[r * D + c] * rscale[r] * rscale[c]
+    for r in range(D):
+        kk = rk[r]
+        if kk > 1:
+            rows_tmul(L22 + r * D, D, D, Tflat + rtoff[r], kk)
+            cols_mul(L22 + r, D, D, Tflat + rtoff[r], kk)
+    for r in range(nz):
+        L22[r * D + r] += 1.0
+
+    for j in range(m1):
+        # ---- L11[j] = chol(T1' A11[j] T1 + I)
+        blk = L11 + j * k1 * k1
+        for a in range(k1 * k1):
+            blk[a] = A11[j * k1 * k1 + a]
+        rows_tmul(blk, k1, k1, T1, k1)
+        cols_mul(blk, k1, k1, T1, k1)
+        for a in range(k1):
+            blk[a * k1 + a] += 1.0
+        if chol_small(blk, k1) != 0:
+            return -1
+        # ---- L21 panel: (Λr' A21_j Λ1) L11[j]^{-T}
+        p0 = indptr[j]
+        p1 = indptr[j + 1]
+        nr = p1 - p0
+        v = L21 + p0 * k1
+        for a in range(nr * k1):
+            v[a] = A21[p0 * k1 + a]
+        cols_mul(v, k1, nr, T1, k1)
+        for t in range(nr):
+            r = rows[p0 + t]
+            kk = rk[r]
+            if kk == 1:
+                s = rscale[r]
+                for c in range(k1):
+                    v[t * k1 + c] *= s
+            elif kk > 1:
+                rows_tmul(v + t * k1, k1, k1, Tflat + rtoff[r], kk)
+        # forward solve X L11[j]' = V, row by row
+        for t in range(nr):
+            for c in range(k1):
+                s = v[t * k1 + c]
+                for b in range(c):
+                    s -= v[t * k1 + b] * blk[c * k1 + b]
+                v[t * k1 + c] = s / blk[c * k1 + c]
+        # ---- L22 -= V V' (lower triangle; rows are ascending)
+        for t in range(nr):
+            r = rows[p0 + t]
+            for u in range(t + 1):
+                s = 0.0
+                for c in range(k1):
+                    s += v[t * k1 + c] * v[u * k1 + c]
+                L22[r * D + rows[p0 + u]] -= s
+
+    # ---- dense Cholesky of L22 (row-major lower == column-major upper)
+    n_i = <int>D
+    lda_i = <int>D
+    dpotrf(&uplo, &n_i, L22, &lda_i, &info)
+    if info != 0:
+        return info
+    return 0
+
+
+def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
+                   const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
+                   const double[:, ::1] A21, const double[:, ::1] A22, Py_ssize_t nz,
+                   const double[::1] rscale, const cnp.int64_t[::1] rk,
+                   const cnp.int64_t[::1] rtoff, const double[::1] Tflat,
+                   double[:, :, ::1] L11_out, double[:, ::1] L21_out, double[:, ::1] L22_out):
+    """Factor Ω(θ) = L L' in the blocked layout (see the module docstring).
+
+    Parameters
+    ----------
+    A11 : (m1, k1, k1) array
+        Z1'Z1 diagonal blocks, one per level of the first term.
+    T1 : (k1, k1) array
+        Lower-triangular relative covariance factor of the first term.
+    indptr, rows, A21 : arrays
+        Block-sparse [Z_rest X y]'Z1: level j owns rows ``rows[indptr[j]:indptr[j+1]]``
+        (ascending) and the panel ``A21[indptr[j]:indptr[j+1], :]``.
+    A22 : (D, D) array
+        Dense [Z_rest X y]'[Z_rest X y].
+    nz : int
+        Number of leading rows of the dense block that are random effects (get +I).
+    rscale, rk, rtoff, Tflat : arrays
+        Λ_rest as row operations: row r is scaled by ``rscale[r]`` when ``rk[r] == 1``,
+        starts a k-row group transformed by the k×k factor at ``Tflat[rtoff[r]:]`` when
+        ``rk[r] = k > 1`` (then ``rscale[r]`` must be 1), and lies inside a group when 0.
+    L11_out, L21_out, L22_out : arrays
+        Written with the factor; L22_out's strict upper triangle is scratch.
+
+    Returns
+    -------
+    info : int
+        0 on success, -1 if a diagonal block failed, >0 LAPACK's dpotrf info.
+    """
+    cdef Py_ssize_t m1 = A11.shape[0], k1 = A11.shape[1], D = A22.shape[0]
+    if A11.shape[2] != k1 or T1.shape[0] != k1 or T1.shape[1] != k1:
+        raise ValueError("A11 must be (m1, k, k) and T1 (k, k)")
+    if indptr.shape[0] != m1 + 1 or A21.shape[0] != rows.shape[0] or (A21.shape[1] != k1 and rows.shape[0] > 0):
+        raise ValueError("block-sparse A21 does not match A11")
+    if A22.shape[1] != D or rscale.shape[0] != D or rk.shape[0] != D or rtoff.shape[0] != D:
+        raise ValueError("A22 and the row descriptors must be D×D and length D")
+    if not (0 <= nz < D):
+        raise ValueError("nz out of range")
+    if L11_out.shape[0] != m1 or L11_out.shape[1] != k1 or L11_out.shape[2] != k1:
+        raise ValueError("L11_out has the wrong shape")
+    if L21_out.shape[0] != A21.shape[0] or L21_out.shape[1] != A21.shape[1]:
+        raise ValueError("L21_out has the wrong shape")
+    if L22_out.shape[0] != D or L22_out.shape[1] != D:
+        raise ValueError("L22_out has the wrong shape")
+    if m1 > 0 and (indptr[0] != 0 or indptr[m1] != rows.shape[0]):
+        raise ValueError("indptr must run from 0 to len(rows)")
+    cdef int info
+    cdef const double* a21p = &A21[0, 0] if A21.shape[0] > 0 else NULL
+    cdef double* l21p = &L21_out[0, 0] if L21_out.shape[0] > 0 else NULL
+    cdef const cnp.int64_t* rowsp = &rows[0] if rows.shape[0] > 0 else NULL
+    with nogil:
+        info = update_blocked_core(&A11[0, 0, 0], m1, k1, &T1[0, 0], &indptr[0], rowsp,
+                                   a21p, &A22[0, 0], D, nz, &rscale[0], &rk[0], &rtoff[0],
+                                   &Tflat[0], &L11_out[0, 0, 0], l21p, &L22_out[0, 0])
+    return info
+
+
+def logdets(const double[:, :, ::1] L11, const double[:, ::1] L22, Py_ssize_t nz):
+    """Return (log|L_Z|², log|R_X|², r²) from the blocked factor's diagonals (JSS eq. 34, 41)."""
+    cdef Py_ssize_t m1 = L11.shape[0], k1 = L11.shape[1], D = L22.shape[0], j, a
+    cdef double ldz = 0.0, ldx = 0.0, r
+    with nogil:
+        for j in range(m1):
+            for a in range(k1):
+                ldz += log(L11[j, a, a])
+        for a in range(nz):
+            ldz += log(L22[a, a])
+        for a in range(nz, D - 1):
+            ldx += log(L22[a, a])
+        r = L22[D - 1, D - 1]
+    return 2.0 * ldz, 2.0 * ldx, r * r

@@ -1,0 +1,155 @@
+"""The model frame and the fixed-effects side: response y and model matrix X.
+
+lme4's ``lFormula`` first builds a model frame holding only the variables the formula
+uses, drops incomplete rows (``na.omit``), then builds X with treatment contrasts and
+drops aliased columns (``check.rankX = "message+drop.cols"``).  The same steps here;
+formulaic builds X.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, FormulaError, MissingColumnError, RankDeficiencyWarning
+from .remat import lme4_name
+
+__all__ = ["ModelFrame", "model_frame", "fixed_matrix", "drop_aliased"]
+
+
+def _required(rhs: str, what: str) -> set:
+    import formulaic
+
+    try:
+        return set(formulaic.Formula(rhs).required_variables)
+    except Exception as e:  # formulaic raises several exception types on bad syntax
+        raise FormulaError(f"cannot parse {what} {rhs!r}: {e}") from e
+
+
+class ModelFrame:
+    """The rows and columns a model uses, after dropping incomplete rows.
+
+    Attributes
+    ----------
+    frame : DataFrame
+        A copy of the used columns, complete rows only (the user's frame is never touched).
+    n_dropped : int
+        Rows dropped because a used column was missing.
+    """
+
+    def __init__(self, frame: pd.DataFrame, n_dropped: int, row_index):
+        self.frame = frame
+        self.n_dropped = n_dropped
+        self.row_index = row_index
+
+
+def model_frame(mf, data) -> ModelFrame:
+    """Select the columns formula ``mf`` uses and drop rows missing any of them."""
+    if not isinstance(data, pd.DataFrame):
+        try:
+            data = pd.DataFrame(data)
+        except Exception as e:
+            raise DataError(f"data must be a pandas DataFrame (or convertible to one): {e}") from e
+    cols = set(data.columns)
+    used = []
+
+    def need(names, where):
+        for v in sorted(names):
+            if v not in cols:
+                raise MissingColumnError(
+                    f"column {v!r} used in {where} is not in the data; available columns: "
+                    f"{', '.join(map(str, data.columns[:20]))}{' ...' if len(cols) > 20 else ''}")
+            if v not in used:
+                used.append(v)
+
+    need(_required(f"{mf.response} ~ 1", "the response"), f"the response {mf.response!r}")
+    need(_required("~ " + mf.fixed, "the fixed effects"), f"the fixed effects ({mf.fixed})")
+    for bar in mf.bars:
+        need(_required("~ " + bar.lhs, f"random-effects term {bar}"), f"random-effects term {bar}")
+        need(set(bar.factors), f"the grouping factor of random-effects term {bar}")
+    frame = data.loc[:, used].copy()
+    complete = frame.notna().all(axis=1).to_numpy()
+    n_drop = int((~complete).sum())
+    if n_drop:
+        frame = frame.loc[complete]
+    if len(frame) == 0:
+        raise DataError(f"no rows left after dropping the {n_drop} rows with a missing value in "
+                        f"the model's columns ({', '.join(used)})")
+    row_index = frame.index
+    frame = frame.reset_index(drop=True)
+    return ModelFrame(frame, n_drop, row_index)
+
+
+def response(mf, frame: pd.DataFrame) -> np.ndarray:
+    """The response vector; it must be numeric and not constant."""
+    name = mf.response
+    if name in frame.columns:
+        col = frame[name]
+        if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
+            raise DataError(f"response {name!r} must be numeric, but its dtype is {col.dtype}; "
+                            "convert it (e.g. pd.to_numeric) before fitting")
+        y = col.to_numpy(dtype=np.float64)
+    else:
+        import formulaic
+
+        try:
+            mm = formulaic.model_matrix(f"{name} ~ 1", frame, na_action="ignore")
+        except Exception as e:
+            raise FormulaError(f"cannot evaluate the response {name!r}: {e}") from e
+        if mm.lhs.shape[1] != 1:
+            raise DataError(f"response {name!r} must be one numeric column, "
+                            f"it gives {mm.lhs.shape[1]} columns {list(mm.lhs.columns)}")
+        y = np.asarray(mm.lhs, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(y)):
+        raise DataError(f"response {name!r} has infinite values")
+    if len(y) > 1 and np.ptp(y) == 0:
+        raise DataError(f"response {name!r} is constant ({y[0]!r} in all {len(y)} rows); "
+                        "there is no variance to model")
+    return y
+
+
+def fixed_matrix(mf, frame: pd.DataFrame):
+    """The fixed-effects model matrix X, its lme4-style column names and formulaic spec."""
+    import formulaic
+
+    try:
+        mm = formulaic.model_matrix("~ " + mf.fixed, frame, na_action="ignore")
+    except Exception as e:
+        raise FormulaError(f"cannot build the fixed-effects model matrix for {mf.fixed!r}: {e}") from e
+    X = np.ascontiguousarray(np.asarray(mm, dtype=np.float64))
+    if not np.all(np.isfinite(X)):
+        bad = [lme4_name(c) for c, ok in zip(mm.columns, np.isfinite(X).all(axis=0)) if not ok]
+        raise DataError(f"fixed-effects columns {bad} have infinite or undefined values "
+                        "(e.g. log of zero)")
+    return X, [lme4_name(c) for c in mm.columns], mm.model_spec
+
+
+def drop_aliased(X: np.ndarray, names: list, tol: float = 1e-7):
+    """Drop columns of X that are linear combinations of earlier ones (lme4's rule).
+
+    Column j is kept when the norm of its residual on the columns before it exceeds
+    ``tol`` times its own norm: the diagonal of the R factor of an unpivoted QR, which is
+    what LINPACK's limited-pivoting ``dqrdc2`` (used by lme4) tests.
+    """
+    if X.shape[1] == 0:
+        return X, names, []
+    import scipy.linalg as sla
+
+    R = sla.qr(X, mode="r", check_finite=False)[0]
+    norms = np.linalg.norm(X, axis=0)
+    diag = np.abs(np.diag(R[: X.shape[1], : X.shape[1]])) if R.shape[0] >= X.shape[1] else None
+    if diag is None:  # fewer rows than columns: pad
+        diag = np.zeros(X.shape[1])
+        d = np.abs(np.diag(R))
+        diag[: len(d)] = d
+    keep = (diag > tol * norms) & (norms > 0)
+    dropped = [nm for nm, k in zip(names, keep) if not k]
+    if dropped:
+        warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+                      f"column{'s' if len(dropped) > 1 else ''} / coefficient"
+                      f"{'s' if len(dropped) > 1 else ''}: {', '.join(dropped)}",
+                      RankDeficiencyWarning, stacklevel=4)
+        X = np.ascontiguousarray(X[:, keep])
+        names = [nm for nm, k in zip(names, keep) if k]
+    return X, names, dropped

@@ -1,0 +1,170 @@
+"""The linear mixed model: formula and data in, profiled objective out, fit on request.
+
+The staged pipeline of lme4 (``lFormula`` -> ``mkLmerDevfun`` -> ``optimizeLmer``), each
+stage usable alone::
+
+    m = LinearMixedModel("Reaction ~ Days + (Days | Subject)", data)   # lFormula
+    m.objective(theta)                                                  # the deviance function
+    fit = m.fit()                                                       # optimise -> results
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .bars import parse_formula
+from .blocks import BlockedCrossprod
+from .errors import DataError
+from .fixed import drop_aliased, fixed_matrix, model_frame, response
+from .optsummary import minimize_bobyqa
+from .pls import BlockedPLS
+from .remat import ReTerm, check_term_sizes, order_terms
+
+__all__ = ["LinearMixedModel", "lmer"]
+
+
+class LinearMixedModel:
+    """A linear mixed model ready to evaluate its objective at any θ.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 formula, e.g. ``"y ~ x + (1 + x | g) + (1 | h)"``.
+    data : pandas.DataFrame
+        Never modified.
+    REML : bool, default True
+        Minimise the REML criterion (True) or the ML deviance (False).
+
+    Attributes
+    ----------
+    terms : list of ReTerm
+        Random-effects terms in lme4's order (decreasing number of levels).
+    X : (n, p) array, fixed-effects model matrix (aliased columns dropped)
+    y : (n,) array
+    theta_lower, theta_start : arrays
+    """
+
+    def __init__(self, formula: str, data, REML: bool = True):
+        self.formula = parse_formula(formula)
+        self.REML = bool(REML)
+        mf = model_frame(self.formula, data)
+        self.n_dropped = mf.n_dropped
+        self.row_index = mf.row_index
+        frame = mf.frame
+        self.y = response(self.formula, frame)
+        X, names, spec = fixed_matrix(self.formula, frame)
+        self.fixed_spec = spec
+        self.X, self.xnames, self.dropped = drop_aliased(X, names)
+        self._xkeep = [names.index(nm) for nm in self.xnames]
+        terms = [ReTerm(b, frame) for b in self.formula.bars]
+        n = len(self.y)
+        check_term_sizes(terms, n)
+        self.terms = order_terms(terms)
+        if self.REML and n <= self.X.shape[1]:
+            raise DataError(f"REML needs more observations ({n}) than fixed effects ({self.X.shape[1]})")
+        offs, o = [], 0
+        for t in self.terms:
+            offs.append(o)
+            o += t.ntheta
+        self.theta_offsets = offs
+        self.theta_lower = np.concatenate([t.theta_lower() for t in self.terms])
+        self.theta_start = np.concatenate([t.theta_start() for t in self.terms])
+        self.theta_names = [nm for t in self.terms for nm in t.theta_names()]
+        self.xp = BlockedCrossprod(self.terms, self.X, self.y, offs)
+        self.pls = BlockedPLS(self.xp)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def nobs(self) -> int:
+        return len(self.y)
+
+    @property
+    def p(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def ntheta(self) -> int:
+        return len(self.theta_start)
+
+    # ------------------------------------------------------------------ objective
+    def objective(self, theta) -> float:
+        """The profiled deviance (ML) or REML criterion at ``theta`` (lme4's devfun).
+
+        Parameters
+        ----------
+        theta : array_like
+            Relative covariance parameters in lme4's order (``getME(m, "theta")``).
+        """
+        theta = np.asarray(theta, dtype=float).ravel()
+        if theta.shape != self.theta_start.shape:
+            raise ValueError(f"theta must have length {self.ntheta} ({', '.join(self.theta_names)}), "
+                             f"got {theta.size}")
+        return self.pls.objective(theta, self.REML)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, optimizer: str = "bobyqa", start=None, verbose: bool = False, callback=None,
+            **control):
+        """Minimise the objective over θ and return the fitted model.
+
+        Parameters
+        ----------
+        optimizer : {"bobyqa"}
+            nlopt's BOBYQA with lme4's bounds and tolerances.
+        start : array_like, optional
+            Starting θ (default: 1 on diagonals, 0 elsewhere, as lme4).
+        verbose : bool
+            Print the evaluation count, objective and elapsed time as the fit goes.
+        callback : callable, optional
+            ``callback(neval, theta, objective)`` after every evaluation.
+        **control
+            ``xtol_abs``, ``ftol_abs``, ``ftol_rel``, ``maxeval`` for the optimizer.
+
+        Returns
+        -------
+        LmerFit
+        """
+        from .results import LmerFit
+
+        x0 = self.theta_start if start is None else np.asarray(start, dtype=float).ravel()
+        if x0.shape != self.theta_start.shape:
+            raise ValueError(f"start must have length {self.ntheta}")
+        if np.any(x0 < self.theta_lower):
+            raise ValueError("start violates the lower bounds of theta (diagonal elements >= 0)")
+        if optimizer.lower() not in ("bobyqa", "nloptwrap"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; available: 'bobyqa'")
+        opt = minimize_bobyqa(lambda th: self.pls.objective(th, self.REML), x0, self.theta_lower,
+                              verbose=verbose, callback=callback, **control)
+        return LmerFit(self, opt)
+
+    def __repr__(self):
+        return (f"LinearMixedModel({self.formula.text!r}, n={self.nobs}, p={self.p}, "
+                f"terms={[str(t.bar) for t in self.terms]}, REML={self.REML})")
+
+
+def lmer(formula: str, data, REML: bool = True, **fit_kwargs):
+    """Fit a linear mixed model as lme4's ``lmer`` does.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 formula with random-effects bars: ``(1|g)``, ``(x|g)``, ``(0+x|g)``,
+        ``(1+x||g)``, ``(1|a:b)``, ``(1|a/b)``; any fixed part formulaic understands.
+    data : pandas.DataFrame
+    REML : bool, default True
+    **fit_kwargs
+        Passed to :meth:`LinearMixedModel.fit` (``optimizer``, ``start``, ``verbose``, ...).
+
+    Returns
+    -------
+    LmerFit
+        With ``theta``, ``fixef``, ``sigma``, ``objective``, ``ranef``, ``varcorr``, ``vcov``,
+        ``summary()`` and the rest.
+
+    Examples
+    --------
+    >>> import lmmfast
+    >>> df = lmmfast.datasets.load("sleepstudy")
+    >>> m = lmmfast.lmer("Reaction ~ Days + (Days | Subject)", df)
+    >>> round(m.objective, 2)
+    1743.63
+    """
+    return LinearMixedModel(formula, data, REML=REML).fit(**fit_kwargs)

@@ -1,0 +1,169 @@
+"""The optimizer's record, and the optimizers that minimise the profiled deviance over θ."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConvergenceWarning
+
+__all__ = ["OptSummary", "minimize_bobyqa"]
+
+# nlopt's return codes
+_NLOPT_CODES = {
+    1: "NLOPT_SUCCESS", 2: "NLOPT_STOPVAL_REACHED", 3: "NLOPT_FTOL_REACHED",
+    4: "NLOPT_XTOL_REACHED", 5: "NLOPT_MAXEVAL_REACHED", 6: "NLOPT_MAXTIME_REACHED",
+    -1: "NLOPT_FAILURE", -2: "NLOPT_INVALID_ARGS", -3: "NLOPT_OUT_OF_MEMORY",
+    -4: "NLOPT_ROUNDOFF_LIMITED", -5: "NLOPT_FORCED_STOP",
+}
+
+
+@dataclass
+class OptSummary:
+    """What the optimizer did (MixedModels.jl's ``optsum``, lme4's ``@optinfo``).
+
+    Attributes
+    ----------
+    optimizer : str
+    initial : ndarray
+        Starting θ.
+    lower : ndarray
+        Lower bounds of θ (0 on diagonals of the relative covariance factors, -inf else).
+    final : ndarray
+        θ at the optimum.
+    fmin : float
+        Objective at ``final``.
+    feval : int
+        Number of objective evaluations (including the boundary checks after the optimizer).
+    returnvalue : str
+        The optimizer's return code, e.g. ``"NLOPT_FTOL_REACHED"``.
+    converged : bool
+    xtol_abs, ftol_abs, ftol_rel, maxeval :
+        The convergence settings used.
+    elapsed : float
+        Seconds spent optimising.
+    messages : list of str
+        Warnings raised about the fit (non-convergence, boundary adjustments).
+    """
+
+    optimizer: str
+    initial: np.ndarray
+    lower: np.ndarray
+    final: np.ndarray = None
+    fmin: float = math.inf
+    feval: int = 0
+    returnvalue: str = ""
+    converged: bool = False
+    xtol_abs: float = 1e-8
+    ftol_abs: float = 1e-8
+    ftol_rel: float = 0.0
+    maxeval: int = 100000
+    elapsed: float = 0.0
+    messages: list = field(default_factory=list)
+
+    def __str__(self):
+        lines = [
+            "Optimizer summary",
+            f"  optimizer:    {self.optimizer}",
+            f"  initial θ:    {np.array2string(np.asarray(self.initial), precision=4)}",
+            f"  final θ:      {np.array2string(np.asarray(self.final), precision=6)}",
+            f"  objective:    {self.fmin:.6f}",
+            f"  evaluations:  {self.feval}",
+            f"  return value: {self.returnvalue}",
+            f"  elapsed:      {self.elapsed:.3f} s",
+        ]
+        return "\n".join(lines + [f"  message: {m}" for m in self.messages])
+
+    __repr__ = __str__
+
+
+class _Counted:
+    """Wraps the objective: counts calls, remembers the best point, reports progress."""
+
+    def __init__(self, fn, verbose=False, callback=None):
+        self.fn, self.verbose, self.callback = fn, verbose, callback
+        self.n = 0
+        self.best_f = math.inf
+        self.best_x = None
+        self.t0 = time.perf_counter()
+
+    def __call__(self, x, grad=None):
+        f = self.fn(np.asarray(x, dtype=float))
+        self.n += 1
+        if f < self.best_f:
+            self.best_f, self.best_x = f, np.array(x, dtype=float)
+        if self.verbose and (self.n <= 10 or self.n % 10 == 0):
+            print(f"  eval {self.n:5d}  objective {f:.6f}  ({time.perf_counter() - self.t0:.2f} s)",
+                  flush=True)
+        if self.callback is not None:
+            self.callback(self.n, np.asarray(x, dtype=float), f)
+        return f if math.isfinite(f) else 1e300
+
+
+def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=0.0,
+                    maxeval=100000, initial_step=None, verbose=False, callback=None):
+    """Minimise ``fn`` over θ with nlopt's BOBYQA under lme4's bounds and tolerances.
+
+    lme4's default ``lmer`` optimizer is ``nloptwrap`` (NLOPT_LN_BOBYQA, ``xtol_abs = 1e-8``,
+    ``ftol_abs = 1e-8``).  After the optimizer stops, components that end within 1e-5 of
+    their bound of 0 are tried at the bound (lme4's ``check.boundary``), kept when the
+    objective is not worse.
+
+    Returns
+    -------
+    OptSummary
+    """
+    import nlopt
+
+    x0 = np.asarray(x0, dtype=float)
+    lower = np.asarray(lower, dtype=float)
+    summ = OptSummary("bobyqa", x0.copy(), lower.copy(), xtol_abs=xtol_abs, ftol_abs=ftol_abs,
+                      ftol_rel=ftol_rel, maxeval=maxeval)
+    f = _Counted(fn, verbose, callback)
+    t0 = time.perf_counter()
+    opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
+    opt.set_min_objective(f)
+    opt.set_lower_bounds(np.where(np.isfinite(lower), lower, -np.inf))
+    opt.set_xtol_abs(xtol_abs)
+    opt.set_ftol_abs(ftol_abs)
+    if ftol_rel:
+        opt.set_ftol_rel(ftol_rel)
+    opt.set_maxeval(int(maxeval))
+    if initial_step is not None:
+        opt.set_initial_step(initial_step)
+    try:
+        x = opt.optimize(x0)
+        code = opt.last_optimize_result()
+    except nlopt.RoundoffLimited:
+        x, code = f.best_x, -4
+    except (RuntimeError, ValueError) as e:  # nlopt.failure and friends
+        x, code = f.best_x, -1
+        summ.messages.append(f"optimizer failed: {e}")
+    if x is None:
+        x = x0
+    x = np.asarray(x, dtype=float)
+    fx = fn(x)
+    f.n += 1
+    if f.best_x is not None and f.best_f < fx:
+        x, fx = f.best_x, f.best_f
+    # lme4's check.boundary: try components near the lower bound at the bound
+    near = np.isfinite(lower) & (x - lower < 1e-5) & (x != lower)
+    if near.any():
+        xb = np.where(near, lower, x)
+        fb = fn(xb)
+        f.n += 1
+        if fb <= fx:
+            x, fx = xb, fb
+    summ.final, summ.fmin, summ.feval = x, float(fx), f.n
+    summ.returnvalue = _NLOPT_CODES.get(code, str(code))
+    summ.converged = code > 0 and code != 5
+    summ.elapsed = time.perf_counter() - t0
+    if not summ.converged:
+        msg = (f"the optimizer stopped without converging ({summ.returnvalue} after {f.n} "
+               "evaluations); the estimates may not be the optimum")
+        summ.messages.append(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    return summ

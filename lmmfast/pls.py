@@ -1,0 +1,182 @@
+"""Penalized least squares at a given θ: the factor, the profiled deviance, the solution.
+
+Notation of Bates, Mächler, Bolker & Walker (2015), JSS 67(1), section 3:
+
+* ``L_θ L_θ' = Λ_θ'Z'ZΛ_θ + I``                                       (eq. 18)
+* ``R_ZX = L_θ^{-1} Λ_θ'Z'X``, ``R_X'R_X = X'X - R_ZX'R_ZX``          (eq. 19)
+* ``r²(θ) = min_{u,β} ||y - Xβ - ZΛu||² + ||u||²``                      (eq. 20)
+* ML:   ``-2 ℓ(θ) = log|L_θ|² + n (1 + log(2π r²(θ) / n))``               (eq. 34)
+* REML: ``-2 ℓ_R(θ) = log|L_θ|² + log|R_X|² + (n-p)(1 + log(2π r²/(n-p)))`` (eq. 41)
+
+:class:`BlockedPLS` computes all of these from one blocked Cholesky factor of the
+augmented matrix Ω(θ) (see ``_pls.pyx``); :func:`dense_factor` and :func:`dense_objective`
+are the dense numpy oracles the tests compare it with.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _pls
+
+__all__ = ["BlockedPLS", "dense_objective", "dense_factor", "deviance"]
+
+LOG2PI = math.log(2.0 * math.pi)
+
+
+def deviance(ldz: float, ldx: float, r2: float, n: int, p: int, reml: bool) -> float:
+    """Profiled deviance (ML, eq. 34) or REML criterion (eq. 41) from the factor's pieces."""
+    if reml:
+        nmp = n - p
+        return ldz + ldx + nmp * (1.0 + LOG2PI + math.log(r2 / nmp))
+    return ldz + n * (1.0 + LOG2PI + math.log(r2 / n))
+
+
+class BlockedPLS:
+    """The blocked factor of Ω(θ) and everything derived from it.
+
+    Parameters
+    ----------
+    xp : BlockedCrossprod
+        The cross-products, formed once.
+    """
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.L11 = np.zeros_like(xp.A11)
+        self.L21 = np.zeros_like(xp.A21)
+        self.L22 = np.zeros_like(xp.A22)
+        self.theta = None
+
+    def factor(self, theta: np.ndarray) -> int:
+        """Update the factor in place for ``theta``; returns the kernel's info (0 = ok)."""
+        xp = self.xp
+        # index -1 picks 1.0 (an unscaled row), -2 picks 0.0 (T's zero upper triangle)
+        ext = np.concatenate((theta, (0.0, 1.0)))
+        rscale = ext[xp.rs_index]
+        T1 = ext[xp.t1_index].reshape(xp.k1, xp.k1)
+        Tflat = ext[xp.tflat_index]
+        info = _pls.update_blocked(xp.A11, T1, xp.indptr, xp.rows, xp.A21, xp.A22, xp.nz,
+                                   rscale, xp.rk, xp.rtoff, Tflat, self.L11, self.L21, self.L22)
+        self.theta = np.array(theta, dtype=float)
+        self.T1 = T1
+        self.rscale = rscale
+        self.Tflat = Tflat
+        return info
+
+    def pieces(self):
+        """(log|L_θ|², log|R_X|², r²) of the current factor."""
+        return _pls.logdets(self.L11, self.L22, self.xp.nz)
+
+    def objective(self, theta: np.ndarray, reml: bool) -> float:
+        """-2 log-likelihood (ML) or the REML criterion at ``theta``; +inf if not PD."""
+        info = self.factor(np.asarray(theta, dtype=float))
+        if info != 0:
+            return math.inf
+        ldz, ldx, r2 = self.pieces()
+        if not (r2 > 0.0):
+            return math.inf
+        return deviance(ldz, ldx, r2, self.xp.n, self.xp.p, reml)
+
+    # ------------------------------------------------------------------ solutions
+    def solve(self):
+        """Conditional modes and fixed effects at the current factor.
+
+        Returns
+        -------
+        u1 : (m1, k1) array
+            Spherical random effects of term 1.
+        urest : (q_rest,) array
+            Spherical random effects of the remaining terms.
+        beta : (p,) array
+        """
+        xp = self.xp
+        D, nz, p = xp.D, xp.nz, xp.p
+        L = np.tril(self.L22)
+        c = L[D - 1, : D - 1]
+        import scipy.linalg as sla
+
+        z = sla.solve_triangular(L[: D - 1, : D - 1], c, lower=True, trans="T") if D > 1 else np.zeros(0)
+        # term 1: L11_j' u_j = c1_j - V_j' z  (c1 is the y row of each panel)
+        m1, k1 = xp.m1, xp.k1
+        rows = xp.rows
+        zext = np.append(z, 0.0)
+        contrib = self.L21 * zext[rows][:, None]               # rows of y get 0
+        level = np.repeat(np.arange(m1), np.diff(xp.indptr))
+        s = np.zeros((m1, k1))
+        np.add.at(s, level, contrib)
+        ypos = xp.indptr[1:] - 1                               # y is the last row of each panel
+        rhs = self.L21[ypos] - s
+        u1 = np.empty((m1, k1))
+        for a in range(k1 - 1, -1, -1):   # back-substitution with L11_j' (upper), vectorised over j
+            acc = rhs[:, a] - np.einsum("jb,jb->j", self.L11[:, a + 1:, a], u1[:, a + 1:])
+            u1[:, a] = acc / self.L11[:, a, a]
+        return u1, z[:nz], z[nz: nz + p]
+
+    def rx_inverse(self) -> np.ndarray:
+        """R_X^{-1} (p×p) such that (X'V⁻¹X)⁻¹ ∝ R_X^{-1} R_X^{-T}."""
+        xp = self.xp
+        nz, p = xp.nz, xp.p
+        LX = np.tril(self.L22[nz: nz + p, nz: nz + p])
+        import scipy.linalg as sla
+
+        return sla.solve_triangular(LX, np.eye(p), lower=True)
+
+    def condvar_blocks(self):
+        """Diagonal blocks of (L_θ L_θ')⁻¹: (m1, k1, k1) for term 1 and the dense rest block.
+
+        lme4's conditional variances are σ² Λ (L_θL_θ')⁻¹ Λ' (``ranef(condVar = TRUE)``).
+        """
+        import scipy.linalg as sla
+
+        xp = self.xp
+        nz, k1 = xp.nz, xp.k1
+        Lzz = np.tril(self.L22[:nz, :nz])
+        Linv = sla.solve_triangular(Lzz, np.eye(nz), lower=True) if nz else np.zeros((0, 0))
+        rest = Linv.T @ Linv if nz else np.zeros((0, 0))
+        L11inv = np.linalg.inv(self.L11)                       # (m1, k1, k1), lower
+        blocks = np.einsum("jba,jbc->jac", L11inv, L11inv)     # L11^{-T} L11^{-1}
+        if nz:
+            for j in range(xp.m1):
+                p0, p1 = xp.indptr[j], xp.indptr[j + 1]
+                r = xp.rows[p0:p1]
+                sel = r < nz
+                if not sel.any():
+                    continue
+                W = Linv[:, r[sel]] @ self.L21[p0:p1][sel]     # (nz, k1)
+                W = W @ L11inv[j]
+                blocks[j] += W.T @ W
+        return blocks, rest
+
+
+# ---------------------------------------------------------------------- dense oracles
+def dense_lambda(terms, theta, theta_offsets) -> np.ndarray:
+    """Λ_θ as a dense q×q matrix (blocks I_m ⊗ T_i, in term order)."""
+    mats = []
+    for t, off in zip(terms, theta_offsets):
+        T = t.T(theta[off: off + t.ntheta])
+        mats.append(np.kron(np.eye(t.nlevels), T))
+    import scipy.linalg as sla
+
+    return sla.block_diag(*mats)
+
+
+def dense_factor(Z: np.ndarray, X: np.ndarray, y: np.ndarray, Lam: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of Ω(θ) = [ZΛ X y]'[ZΛ X y] + diag(I_q, 0, 0), densely."""
+    W = np.column_stack([Z @ Lam, X, y])
+    Om = W.T @ W
+    q = Z.shape[1]
+    Om[np.arange(q), np.arange(q)] += 1.0
+    return np.linalg.cholesky(Om)
+
+
+def dense_objective(Z, X, y, Lam, reml: bool) -> float:
+    """The profiled deviance or REML criterion computed densely (test oracle)."""
+    L = dense_factor(Z, X, y, Lam)
+    q, p = Z.shape[1], X.shape[1]
+    d = np.diag(L)
+    ldz = 2.0 * np.log(d[:q]).sum()
+    ldx = 2.0 * np.log(d[q: q + p]).sum()
+    r2 = d[-1] ** 2
+    return deviance(ldz, ldx, r2, len(y), p, reml)

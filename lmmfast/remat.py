@@ -1,0 +1,182 @@
+"""Random-effects terms: level codes, the term's model matrix, and how θ maps into Λ.
+
+One :class:`ReTerm` is one expanded bar ``(lhs | g)``.  With ``k`` columns in the lhs
+model matrix ``X_i`` (n × k) and ``m`` levels of ``g``, the term contributes ``q = m k``
+columns to Z, ordered level-major as in lme4 (level 1's k columns, then level 2's, ...):
+``Z[r, code[r] * k + c] = X_i[r, c]``.  Its relative covariance factor is the lower
+triangular k × k matrix ``T`` filled column-major from θ (lme4's ``Lind``), and
+``Λ_i = I_m ⊗ T``.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, FormulaError, MissingColumnError
+
+__all__ = ["ReTerm", "lme4_name", "factor_codes", "grouping_factor", "order_terms"]
+
+_LEVEL = re.compile(r"\[(?:T\.)?(.*?)\]")
+
+
+def lme4_name(name: str) -> str:
+    """Translate a formulaic column name into lme4's (``recipe[T.B]:x`` -> ``recipeB:x``)."""
+    if name == "Intercept":
+        return "(Intercept)"
+    return ":".join(_LEVEL.sub(r"\1", part) for part in name.split(":"))
+
+
+def factor_codes(col: pd.Series):
+    """Codes 0..m-1 and level labels of a column used as a factor.
+
+    Levels are sorted as R's ``factor()`` does under ``sort(method = "radix")``: strings
+    in byte order, numbers numerically, a pandas Categorical in its category order
+    (unused categories dropped).
+    """
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.cat.remove_unused_categories()
+        return col.cat.codes.to_numpy(np.int64), [str(c) for c in col.cat.categories]
+    codes, uniques = pd.factorize(col, sort=True)
+    return codes.astype(np.int64, copy=False), [str(u) for u in uniques]
+
+
+def grouping_factor(frame: pd.DataFrame, factors: tuple, term: str):
+    """Codes and labels of the grouping factor ``a:b:...`` (lme4's lex-ordered interaction)."""
+    codes = None
+    labels = None
+    for f in factors:
+        if f not in frame.columns:
+            raise MissingColumnError(f"grouping factor {f!r} of random-effects term {term} "
+                                     f"is not a column of the data")
+        c, lab = factor_codes(frame[f])
+        if codes is None:
+            codes, labels = c, np.asarray(lab, dtype=object)
+            continue
+        uniq, codes = np.unique(codes * len(lab) + c, return_inverse=True)
+        labels = np.array([f"{labels[u // len(lab)]}:{lab[u % len(lab)]}" for u in uniq], dtype=object)
+        codes = codes.astype(np.int64, copy=False).ravel()
+    return codes, [str(x) for x in labels]
+
+
+class ReTerm:
+    """One random-effects term ``(lhs | group)``.
+
+    Attributes
+    ----------
+    group : str
+        Grouping factor name (``"b:a"`` for an interaction).
+    lhs : str
+        Right-hand side of the term's model formula.
+    cnames : list of str
+        Column names of the term's model matrix, lme4 style (``"(Intercept)"``, ``"Days"``).
+    codes : (n,) int64 array
+        Level code of each observation.
+    levels : list of str
+        Level labels, in code order.
+    X : (n, k) float array
+        The term's model matrix.
+    """
+
+    def __init__(self, bar, frame: pd.DataFrame):
+        import formulaic
+
+        self.bar = bar
+        self.group = bar.group
+        self.lhs = bar.lhs
+        self.codes, self.levels = grouping_factor(frame, bar.factors, str(bar))
+        try:
+            mm = formulaic.model_matrix("~ " + bar.lhs, frame, na_action="ignore")
+        except Exception as e:  # formulaic raises several types for unknown names
+            raise FormulaError(f"cannot build the model matrix of random-effects term {bar}: {e}") from e
+        self.spec = mm.model_spec
+        self.cnames = [lme4_name(c) for c in mm.columns]
+        self.X = np.ascontiguousarray(np.asarray(mm, dtype=np.float64))
+        if self.X.shape[1] == 0:
+            raise FormulaError(f"random-effects term {bar} has no columns")
+
+    @property
+    def k(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def nlevels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def q(self) -> int:
+        return self.k * self.nlevels
+
+    @property
+    def ntheta(self) -> int:
+        return self.k * (self.k + 1) // 2
+
+    def theta_lower(self) -> np.ndarray:
+        """Lower bounds of this term's θ: 0 on the diagonal of T, -inf below it."""
+        k = self.k
+        return np.array([0.0 if i == j else -np.inf for j in range(k) for i in range(j, k)])
+
+    def theta_start(self) -> np.ndarray:
+        k = self.k
+        return np.array([1.0 if i == j else 0.0 for j in range(k) for i in range(j, k)])
+
+    def theta_names(self) -> list:
+        k, c = self.k, self.cnames
+        return [f"{self.group}.{c[i]}" if i == j else f"{self.group}.{c[i]}.{c[j]}"
+                for j in range(k) for i in range(j, k)]
+
+    def T(self, theta: np.ndarray) -> np.ndarray:
+        """The k × k lower-triangular relative covariance factor from this term's θ."""
+        k = self.k
+        T = np.zeros((k, k))
+        rows, cols = _tril_colmajor(k)
+        T[rows, cols] = theta
+        return T
+
+    def Z(self):
+        """This term's block of Z as a scipy CSC matrix (n × q), never dense."""
+        import scipy.sparse as sp
+
+        n, k = self.X.shape
+        rows = np.repeat(np.arange(n), k)
+        cols = (self.codes[:, None] * k + np.arange(k)[None, :]).ravel()
+        return sp.csc_matrix((self.X.ravel(), (rows, cols)), shape=(n, self.q))
+
+    def __repr__(self):
+        return f"ReTerm({self.bar}, levels={self.nlevels}, k={self.k})"
+
+
+def _tril_colmajor(k: int):
+    """Row and column indices of a k × k lower triangle in column-major order (lme4's θ)."""
+    rows = [i for j in range(k) for i in range(j, k)]
+    cols = [j for j in range(k) for i in range(j, k)]
+    return np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
+
+
+def order_terms(terms: list) -> list:
+    """Order terms as lme4's ``mkReTrms``: by decreasing number of levels.
+
+    lme4 reorders only when some later term has more levels than an earlier one, and then
+    uses ``rev(order(nl))``, which puts later terms first among ties.
+    """
+    nl = [t.nlevels for t in terms]
+    if not any(b > a for a, b in zip(nl, nl[1:])):
+        return list(terms)
+    asc = sorted(range(len(terms)), key=lambda i: nl[i])  # stable, like R's order()
+    return [terms[i] for i in reversed(asc)]
+
+
+def check_term_sizes(terms: list, n: int) -> None:
+    """lme4's identifiability checks on grouping factors (check.nlev.gtr.1, nobs.vs.nlev/nRE)."""
+    for t in terms:
+        if t.nlevels < 2:
+            raise DataError(f"grouping factor {t.group!r} of term {t.bar} has {t.nlevels} level; "
+                            "a random effect needs at least 2 levels")
+        if t.nlevels >= n:
+            raise DataError(f"grouping factor {t.group!r} of term {t.bar} has {t.nlevels} levels for "
+                            f"{n} observations: its variance cannot be told apart from the residual "
+                            "variance (lme4 refuses this model too); drop the term")
+        if t.q >= n:
+            raise DataError(f"term {t.bar} has {t.q} random effects for {n} observations: the "
+                            "random-effects parameters and the residual variance are unidentifiable")

@@ -1,0 +1,227 @@
+"""A fitted linear mixed model: estimates and everything derived from them.
+
+Attribute names are a contract that other packages rely on; they follow lme4's accessors
+(``fixef``, ``ranef``, ``VarCorr``, ``sigma``, ``vcov``, ``getME(, "theta")``).
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from .pls import deviance
+from .varcorr import term_covariances, varcorr_frame
+
+__all__ = ["LmerFit"]
+
+
+class LmerFit:
+    """The result of :func:`lmmfast.lmer` / :meth:`LinearMixedModel.fit`.
+
+    Attributes
+    ----------
+    theta : ndarray
+        Relative covariance parameters, lme4's order.
+    fixef : Series
+        Fixed effects β̂, model-matrix column order.
+    sigma : float
+        Residual standard deviation.
+    objective : float
+        −2 × log-likelihood: lme4's deviance for ML, its REML criterion for REML.
+    loglik, aic, bic : float
+    vcov : DataFrame
+        Covariance matrix of β̂: σ² (R_X'R_X)⁻¹.
+    ranef : dict
+        Grouping factor -> DataFrame (levels × term columns) of conditional modes b̂.
+    ranef_sd : dict
+        Same layout: conditional standard deviations (lme4's ``condVar``).
+    varcorr : DataFrame
+        ``as.data.frame(VarCorr(m))``: grp, var1, var2, vcov, sdcor.
+    fitted, residuals : ndarray
+    nobs : int
+    ngroups : dict
+        Grouping factor -> number of levels.
+    optsummary : OptSummary
+    is_singular : bool
+        Some θ on a diagonal of Λ below 1e-4 (lme4's ``isSingular``).
+    """
+
+    def __init__(self, model, optsummary):
+        self.model = model
+        self.optsummary = optsummary
+        self.REML = model.REML
+        self.formula = model.formula.text
+        theta = np.asarray(optsummary.final, dtype=float)
+        self.theta = theta
+        pls = model.pls
+        info = pls.factor(theta)
+        if info != 0:  # pragma: no cover  (the optimizer never ends at an infinite objective)
+            raise RuntimeError("the factorization failed at the optimum")
+        ldz, ldx, r2 = pls.pieces()
+        n, p = model.nobs, model.p
+        self.objective = deviance(ldz, ldx, r2, n, p, self.REML)
+        self.loglik = -0.5 * self.objective
+        self.sigma = math.sqrt(r2 / (n - p if self.REML else n))
+        self.nobs = n
+        self.n_dropped = model.n_dropped
+        npar = p + len(theta) + 1
+        self.df = npar
+        self.aic = self.objective + 2 * npar
+        self.bic = self.objective + math.log(n) * npar
+        u1, urest, beta = pls.solve()
+        self.fixef = pd.Series(beta, index=list(model.xnames), name="Estimate")
+        self._b = self._scale_modes(u1, urest)
+        Rinv = pls.rx_inverse()
+        V = self.sigma ** 2 * (Rinv.T @ Rinv)
+        self.vcov = pd.DataFrame(V, index=model.xnames, columns=model.xnames)
+        low = model.theta_lower
+        self.is_singular = bool(np.any(np.abs(theta[low == 0]) < 1e-4))
+        self.theta_names = list(model.theta_names)
+
+    # ------------------------------------------------------------------ random effects
+    def _scale_modes(self, u1, urest):
+        """b = Λ u per term, each an (m_i, k_i) array."""
+        m = self.model
+        out = []
+        for i, (t, off) in enumerate(zip(m.terms, m.theta_offsets)):
+            T = t.T(self.theta[off: off + t.ntheta])
+            if i == 0:
+                u = u1
+            else:
+                o = m.xp.rest_offsets[i - 1]
+                u = urest[o: o + t.q].reshape(t.nlevels, t.k)
+            out.append(u @ T.T)
+        return out
+
+    def _by_group(self, arrays):
+        groups = {}
+        for t, a in zip(self.model.terms, arrays):
+            df = pd.DataFrame(a, index=pd.Index(t.levels, name=t.group), columns=t.cnames)
+            if t.group in groups:
+                groups[t.group] = pd.concat([groups[t.group], df], axis=1)
+            else:
+                groups[t.group] = df
+        return groups
+
+    @cached_property
+    def ranef(self) -> dict:
+        """Conditional modes of the random effects: grouping factor -> DataFrame."""
+        return self._by_group(self._b)
+
+    @cached_property
+    def ranef_sd(self) -> dict:
+        """Conditional standard deviations of the random effects (lme4's condVar)."""
+        m = self.model
+        pls = m.pls
+        pls.factor(self.theta)
+        blocks1, rest = pls.condvar_blocks()
+        s2 = self.sigma ** 2
+        sds = []
+        for i, (t, off) in enumerate(zip(m.terms, m.theta_offsets)):
+            T = t.T(self.theta[off: off + t.ntheta])
+            if i == 0:
+                B = blocks1
+            else:
+                o = m.xp.rest_offsets[i - 1]
+                idx = o + np.arange(t.q).reshape(t.nlevels, t.k)
+                B = rest[idx[:, :, None], idx[:, None, :]]
+            C = s2 * np.einsum("ab,jbc,dc->jad", T, B, T)
+            sds.append(np.sqrt(np.maximum(np.einsum("jaa->ja", C), 0.0)))
+        return self._by_group(sds)
+
+    @property
+    def condsd(self) -> dict:
+        """Alias of :attr:`ranef_sd`."""
+        return self.ranef_sd
+
+    @cached_property
+    def varcorr(self) -> pd.DataFrame:
+        """Variance components, as ``as.data.frame(VarCorr(m))``."""
+        m = self.model
+        return varcorr_frame(m.terms, self.theta, m.theta_offsets, self.sigma)
+
+    def cov_re(self) -> list:
+        """(term, Σ) pairs: the covariance matrix of each term's random effects."""
+        m = self.model
+        return term_covariances(m.terms, self.theta, m.theta_offsets, self.sigma)
+
+    @property
+    def ngroups(self) -> dict:
+        out = {}
+        for t in self.model.terms:
+            out.setdefault(t.group, t.nlevels)
+        return out
+
+    # ------------------------------------------------------------------ fitted values
+    def _re_part(self, terms_X, codes_list):
+        eta = 0.0
+        for Xi, codes, b in zip(terms_X, codes_list, self._b):
+            valid = codes >= 0
+            contrib = np.zeros(len(codes))
+            contrib[valid] = np.einsum("rk,rk->r", Xi[valid], b[codes[valid]])
+            eta = eta + contrib
+        return eta
+
+    @cached_property
+    def fitted(self) -> np.ndarray:
+        """Fitted values Xβ̂ + Zb̂ (conditional on the random effects)."""
+        m = self.model
+        eta = m.X @ self.fixef.to_numpy()
+        return eta + self._re_part([t.X for t in m.terms], [t.codes for t in m.terms])
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """Response residuals y − fitted."""
+        return self.model.y - self.fitted
+
+    def predict(self, newdata=None, re_form=True) -> np.ndarray:
+        """Predictions for ``newdata`` (default: the fitted values).
+
+        Levels of a grouping factor not seen in the fit get the population-level
+        prediction (their random effect is zero), as lme4's ``allow.new.levels = TRUE``.
+        ``re_form=False`` gives population-level predictions for all rows.
+        """
+        m = self.model
+        if newdata is None:
+            return self.fitted if re_form else m.X @ self.fixef.to_numpy()
+        from .remat import grouping_factor
+
+        Xn = np.asarray(m.fixed_spec.get_model_matrix(newdata, na_action="ignore"), dtype=float)
+        eta = Xn[:, m._xkeep] @ self.fixef.to_numpy()
+        if not re_form:
+            return eta
+        Xs, codes = [], []
+        for t in m.terms:
+            Xs.append(np.asarray(t.spec.get_model_matrix(newdata, na_action="ignore"), dtype=float))
+            sub = pd.DataFrame(newdata).loc[:, list(t.bar.factors)]
+            missing = sub.isna().any(axis=1).to_numpy()
+            raw, labels = grouping_factor(sub.astype(object).fillna("NA"), t.bar.factors, str(t.bar))
+            pos = {lv: i for i, lv in enumerate(t.levels)}
+            lut = np.array([pos.get(lv, -1) for lv in labels], dtype=np.int64)
+            c = lut[raw]
+            c[missing] = -1
+            codes.append(c)
+        return eta + self._re_part(Xs, codes)
+
+    # ------------------------------------------------------------------ display
+    def coef_table(self) -> pd.DataFrame:
+        """Estimate, Std. Error and t value of the fixed effects."""
+        se = np.sqrt(np.diag(self.vcov.to_numpy()))
+        est = self.fixef.to_numpy()
+        return pd.DataFrame({"Estimate": est, "Std. Error": se, "t value": est / se},
+                            index=self.fixef.index)
+
+    def summary(self) -> str:
+        """lme4-style summary text."""
+        from .summary import format_summary
+
+        return format_summary(self)
+
+    def __str__(self):
+        return self.summary()
+
+    def __repr__(self):
+        return (f"<LmerFit {self.formula!r} {'REML' if self.REML else 'ML'} "
+                f"objective={self.objective:.4f} n={self.nobs}>")
