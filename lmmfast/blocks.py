@@ -12,7 +12,6 @@ co-occurring level of every other term, plus every X and y row) and a dense pane
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 __all__ = ["BlockedCrossprod"]
 
@@ -36,6 +35,7 @@ class BlockedCrossprod:
         self.m1, self.k1 = t1.nlevels, t1.k
         self.p = p
         self.n = n
+        self.term_shapes = [(t.nlevels, t.k) for t in terms]
         # ---- block 1: Z1'Z1, one k1×k1 block per level
         k1, m1 = self.k1, self.m1
         A11 = np.empty((m1, k1, k1))
@@ -54,22 +54,9 @@ class BlockedCrossprod:
         self.rest_offsets = offs
         self.nz = nz = o
         self.D = D = nz + p + 1
-        W = self._rest_matrix(rest, offs, X, y, n, D)
-        self.A22 = np.ascontiguousarray((W.T @ W).toarray())
-
-        # ---- A21 = W' Z1, block-sparse by level of term 1
-        self.indptr, self.rows = self._pattern(t1, rest, offs, nz, D)
-        Z1 = t1.Z()
-        C = (W.T @ Z1).tocoo()
-        j, c = np.divmod(C.col.astype(np.int64), k1)
-        keys = self._keys
-        pos = np.searchsorted(keys, j * D + C.row.astype(np.int64))
-        if len(pos) and (pos.max() >= len(keys) or np.any(keys[pos] != j * D + C.row)):
-            raise AssertionError("A21 has an entry outside its predicted pattern")  # pragma: no cover
-        A21 = np.zeros((len(self.rows), k1))
-        np.add.at(A21, (pos, c), C.data)
-        self.A21 = A21
-        del self._keys
+        Xy = np.column_stack([X, y])
+        self.A22 = self._dense_block(rest, offs, Xy, nz, D)
+        self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, Xy, nz, D)
 
         # ---- static description of Λ on the dense block (see update_blocked)
         self.rk = np.ones(D, dtype=np.int64)
@@ -93,29 +80,62 @@ class BlockedCrossprod:
         self.t1_index = np.asarray(_tril_map(k1, theta_offsets[0]), dtype=np.int64)
 
     @staticmethod
-    def _rest_matrix(rest, offs, X, y, n, D):
-        """[Z_rest X y] as a CSC matrix (dense columns stored sparse: formed once)."""
-        blocks = [t.Z() for t in rest]
-        blocks.append(sp.csc_matrix(np.column_stack([X, y])))
-        return sp.hstack(blocks, format="csc")
+    def _dense_block(rest, offs, Xy, nz, D):
+        """A22 = [Z_rest X y]'[Z_rest X y], block by block from level codes (no n×q matrix)."""
+        A22 = np.zeros((D, D))
+        A22[nz:, nz:] = Xy.T @ Xy
+        for i, (ti, oi) in enumerate(zip(rest, offs)):
+            ki, mi = ti.k, ti.nlevels
+            start = oi + np.arange(mi) * ki
+            for a in range(ki):                       # Z_i'Z_i: block diagonal
+                for b in range(a + 1):
+                    A22[start + a, start + b] = np.bincount(
+                        ti.codes, weights=ti.X[:, a] * ti.X[:, b], minlength=mi)
+            for a in range(ki):                       # [X y]'Z_i
+                for c in range(Xy.shape[1]):
+                    A22[nz + c, start + a] = np.bincount(
+                        ti.codes, weights=ti.X[:, a] * Xy[:, c], minlength=mi)
+            for tl, ol in zip(rest[i + 1:], offs[i + 1:]):   # Z_l'Z_i, later terms l
+                pairs, inv = np.unique(ti.codes * tl.nlevels + tl.codes, return_inverse=True)
+                inv = inv.ravel()
+                li, ll = np.divmod(pairs, tl.nlevels)
+                for a in range(ki):
+                    for b in range(tl.k):
+                        A22[ol + ll * tl.k + b, oi + li * ki + a] = np.bincount(
+                            inv, weights=ti.X[:, a] * tl.X[:, b], minlength=len(pairs))
+        iu = np.triu_indices(D, 1)
+        A22[iu] = A22.T[iu]                            # symmetrise from the lower triangle
+        return A22
 
-    def _pattern(self, t1, rest, offs, nz, D):
-        """Rows of the dense block touched by each level of term 1 (sorted keys j*D + row)."""
-        m1 = t1.nlevels
-        keys = []
-        for t, off in zip(rest, offs):
-            pair = np.unique(t1.codes * t.nlevels + t.codes)
-            j, lev = np.divmod(pair, t.nlevels)
-            r = off + lev[:, None] * t.k + np.arange(t.k)[None, :]
-            keys.append((j[:, None] * D + r).ravel())
-        dense = np.arange(nz, D, dtype=np.int64)
-        keys.append((np.arange(m1, dtype=np.int64)[:, None] * D + dense[None, :]).ravel())
-        keys = np.unique(np.concatenate(keys))
-        j, rows = np.divmod(keys, D)
+    @staticmethod
+    def _coupling(t1, rest, offs, Xy, nz, D):
+        """A21 = [Z_rest X y]'Z1 block-sparse: (indptr, rows, panels), rows ascending per level.
+
+        Level j of term 1 touches every row of each level of term i that shares an
+        observation with it (all k_i of them), and every X and y row."""
+        m1, k1 = t1.nlevels, t1.k
+        keys, vals = [], []
+        for ti, oi in zip(rest, offs):
+            pairs, inv = np.unique(t1.codes * ti.nlevels + ti.codes, return_inverse=True)
+            inv = inv.ravel()
+            j, lev = np.divmod(pairs, ti.nlevels)
+            for a in range(ti.k):
+                keys.append(j * D + oi + lev * ti.k + a)
+                vals.append(np.column_stack([
+                    np.bincount(inv, weights=ti.X[:, a] * t1.X[:, c], minlength=len(pairs))
+                    for c in range(k1)]))
+        for c in range(Xy.shape[1]):
+            keys.append(np.arange(m1, dtype=np.int64) * D + nz + c)
+            vals.append(np.column_stack([
+                np.bincount(t1.codes, weights=Xy[:, c] * t1.X[:, b], minlength=m1)
+                for b in range(k1)]))
+        keys = np.concatenate(keys)
+        order = np.argsort(keys, kind="stable")
+        A21 = np.ascontiguousarray(np.concatenate(vals)[order])
+        j, rows = np.divmod(keys[order], D)
         indptr = np.zeros(m1 + 1, dtype=np.int64)
         np.cumsum(np.bincount(j, minlength=m1), out=indptr[1:])
-        self._keys = keys
-        return indptr, np.ascontiguousarray(rows, dtype=np.int64)
+        return indptr, np.ascontiguousarray(rows, dtype=np.int64), A21
 
     @property
     def nbytes(self) -> int:

@@ -18,13 +18,74 @@ from .remat import lme4_name
 __all__ = ["ModelFrame", "model_frame", "fixed_matrix", "drop_aliased"]
 
 
-def _required(rhs: str, what: str) -> set:
+def _simple_terms(rhs: str):
+    """``(intercept, [names])`` when ``rhs`` is only '1'/'0' and plain column names, else None.
+
+    Such right-hand sides (``1 + Days``, ``0 + x``) are built directly, skipping formulaic's
+    parser; anything else (factors, transforms, interactions) goes through formulaic."""
+    intercept, names = True, []
+    for t in rhs.split("+"):
+        t = t.strip()
+        if t == "1":
+            continue
+        if t == "0":
+            intercept = False
+            continue
+        if not t.isidentifier() or t in names:
+            return None
+        names.append(t)
+    return intercept, names
+
+
+class SimpleSpec:
+    """Model-matrix spec for a simple right-hand side (intercept and numeric columns)."""
+
+    def __init__(self, intercept: bool, names: list):
+        self.intercept, self.names = intercept, names
+
+    def column_names(self) -> list:
+        return (["(Intercept)"] if self.intercept else []) + list(self.names)
+
+    def get_model_matrix(self, frame, na_action=None) -> np.ndarray:
+        n = len(frame)
+        cols = ([np.ones(n)] if self.intercept else []) + [
+            frame[c].to_numpy(dtype=np.float64) for c in self.names]
+        return np.column_stack(cols) if cols else np.zeros((n, 0))
+
+
+def design(rhs: str, frame: pd.DataFrame, what: str):
+    """Model matrix of ``~ rhs`` on ``frame``: (X, lme4 column names, spec).
+
+    A simple right-hand side over numeric columns is built directly; everything else
+    by formulaic (treatment contrasts, levels in sorted order, R's column order)."""
+    simple = _simple_terms(rhs)
+    if simple is not None and all(pd.api.types.is_numeric_dtype(frame[c])
+                                  and not pd.api.types.is_bool_dtype(frame[c]) for c in simple[1]):
+        spec = SimpleSpec(*simple)
+        return np.ascontiguousarray(spec.get_model_matrix(frame)), spec.column_names(), spec
     import formulaic
 
     try:
-        return set(formulaic.Formula(rhs).required_variables)
+        mm = formulaic.model_matrix("~ " + rhs, frame, na_action="ignore")
+    except Exception as e:  # formulaic raises several exception types
+        raise FormulaError(f"cannot build the model matrix of {what}: {e}") from e
+    return (np.ascontiguousarray(np.asarray(mm, dtype=np.float64)),
+            [lme4_name(c) for c in mm.columns], mm.model_spec)
+
+
+def _required(formula: str, what: str) -> set:
+    """The data columns a formula (``resp ~ rhs`` or ``~ rhs``) needs."""
+    lhs, _, rhs = formula.rpartition("~")
+    lhs = lhs.strip()
+    simple = _simple_terms(rhs)
+    if simple is not None and (not lhs or lhs.isidentifier()):
+        return set(simple[1]) | ({lhs} if lhs else set())
+    import formulaic
+
+    try:
+        return set(formulaic.Formula(formula).required_variables)
     except Exception as e:  # formulaic raises several exception types on bad syntax
-        raise FormulaError(f"cannot parse {what} {rhs!r}: {e}") from e
+        raise FormulaError(f"cannot parse {what} {formula!r}: {e}") from e
 
 
 class ModelFrame:
@@ -110,19 +171,13 @@ def response(mf, frame: pd.DataFrame) -> np.ndarray:
 
 
 def fixed_matrix(mf, frame: pd.DataFrame):
-    """The fixed-effects model matrix X, its lme4-style column names and formulaic spec."""
-    import formulaic
-
-    try:
-        mm = formulaic.model_matrix("~ " + mf.fixed, frame, na_action="ignore")
-    except Exception as e:
-        raise FormulaError(f"cannot build the fixed-effects model matrix for {mf.fixed!r}: {e}") from e
-    X = np.ascontiguousarray(np.asarray(mm, dtype=np.float64))
+    """The fixed-effects model matrix X, its lme4-style column names and its spec."""
+    X, names, spec = design(mf.fixed, frame, f"the fixed effects ({mf.fixed})")
     if not np.all(np.isfinite(X)):
-        bad = [lme4_name(c) for c, ok in zip(mm.columns, np.isfinite(X).all(axis=0)) if not ok]
+        bad = [nm for nm, ok in zip(names, np.isfinite(X).all(axis=0)) if not ok]
         raise DataError(f"fixed-effects columns {bad} have infinite or undefined values "
                         "(e.g. log of zero)")
-    return X, [lme4_name(c) for c in mm.columns], mm.model_spec
+    return X, names, spec
 
 
 def drop_aliased(X: np.ndarray, names: list, tol: float = 1e-7):

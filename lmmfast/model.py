@@ -17,6 +17,7 @@ from .errors import DataError
 from .fixed import drop_aliased, fixed_matrix, model_frame, response
 from .optsummary import minimize_bobyqa
 from .pls import BlockedPLS
+from .sparsepls import SparsePLS, cholmod_available
 from .remat import ReTerm, check_term_sizes, order_terms
 
 __all__ = ["LinearMixedModel", "lmer"]
@@ -33,6 +34,12 @@ class LinearMixedModel:
         Never modified.
     REML : bool, default True
         Minimise the REML criterion (True) or the ML deviance (False).
+    method : {"auto", "blocked", "cholmod"}
+        How Ω(θ) is factored: ``"blocked"`` (the term with most levels block diagonal,
+        the rest one dense block; MixedModels.jl's layout), ``"cholmod"`` (sparse
+        supernodal Cholesky with a fill-reducing ordering; lme4's method) or ``"auto"``
+        (blocked unless the dense block would be large and stay sparse after
+        eliminating the first term; see :func:`choose_method`).
 
     Attributes
     ----------
@@ -43,7 +50,7 @@ class LinearMixedModel:
     theta_lower, theta_start : arrays
     """
 
-    def __init__(self, formula: str, data, REML: bool = True):
+    def __init__(self, formula: str, data, REML: bool = True, method: str = "auto"):
         self.formula = parse_formula(formula)
         self.REML = bool(REML)
         mf = model_frame(self.formula, data)
@@ -69,8 +76,15 @@ class LinearMixedModel:
         self.theta_lower = np.concatenate([t.theta_lower() for t in self.terms])
         self.theta_start = np.concatenate([t.theta_start() for t in self.terms])
         self.theta_names = [nm for t in self.terms for nm in t.theta_names()]
-        self.xp = BlockedCrossprod(self.terms, self.X, self.y, offs)
-        self.pls = BlockedPLS(self.xp)
+        if method not in ("auto", "blocked", "cholmod"):
+            raise ValueError(f"method must be 'auto', 'blocked' or 'cholmod', not {method!r}")
+        if method == "auto":
+            method = choose_method(self.terms, self.p)
+        self.method = method
+        if method == "cholmod":
+            self.pls = SparsePLS(self.terms, self.X, self.y, offs)
+        else:
+            self.pls = BlockedPLS(BlockedCrossprod(self.terms, self.X, self.y, offs))
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -140,6 +154,34 @@ class LinearMixedModel:
                 f"terms={[str(t.bar) for t in self.terms]}, REML={self.REML})")
 
 
+def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25) -> str:
+    """Pick the factorization: ``"blocked"`` or ``"cholmod"``.
+
+    The blocked method costs about D³/3 flops per θ for its dense block of size
+    D = Σ_{i>1} q_i + p + 1.  Below ``dense_limit`` that is always cheap.  Above it, the
+    pattern of the dense block's random-effects part after eliminating the first term
+    (Z_r'Z_r plus the fill from Z_r'Z_1 Z_1'Z_r) tells whether the structure stays sparse
+    (nested or partially crossed factors): then CHOLMOD wins.
+    """
+    import scipy.sparse as sp
+
+    nz = sum(t.q for t in terms[1:])
+    D = nz + p + 1
+    if D <= dense_limit or not cholmod_available():
+        return "blocked"
+    if D > 20000:
+        return "cholmod"
+    n = len(terms[0].codes)
+    ones = np.ones(n)
+    Z1 = sp.csc_matrix((ones, (np.arange(n), terms[0].codes)), shape=(n, terms[0].nlevels))
+    Zr = sp.hstack([sp.csc_matrix((ones, (np.arange(n), t.codes)), shape=(n, t.nlevels))
+                    for t in terms[1:]], format="csc")
+    B = (Z1.T @ Zr).tocsc()
+    S = (B.T @ B + Zr.T @ Zr)
+    nlev = S.shape[0]
+    return "blocked" if S.nnz > density * nlev * nlev else "cholmod"
+
+
 def lmer(formula: str, data, REML: bool = True, **fit_kwargs):
     """Fit a linear mixed model as lme4's ``lmer`` does.
 
@@ -151,7 +193,8 @@ def lmer(formula: str, data, REML: bool = True, **fit_kwargs):
     data : pandas.DataFrame
     REML : bool, default True
     **fit_kwargs
-        Passed to :meth:`LinearMixedModel.fit` (``optimizer``, ``start``, ``verbose``, ...).
+        ``method`` goes to :class:`LinearMixedModel`; the rest to
+        :meth:`LinearMixedModel.fit` (``optimizer``, ``start``, ``verbose``, ...).
 
     Returns
     -------
@@ -167,4 +210,5 @@ def lmer(formula: str, data, REML: bool = True, **fit_kwargs):
     >>> round(m.objective, 2)
     1743.63
     """
-    return LinearMixedModel(formula, data, REML=REML).fit(**fit_kwargs)
+    method = fit_kwargs.pop("method", "auto")
+    return LinearMixedModel(formula, data, REML=REML, method=method).fit(**fit_kwargs)

@@ -80,61 +80,66 @@ class BlockedPLS:
         return deviance(ldz, ldx, r2, self.xp.n, self.xp.p, reml)
 
     # ------------------------------------------------------------------ solutions
+    def _split_rest(self, v):
+        """Split a vector over the dense block's random-effects rows into per-term arrays."""
+        out = []
+        for (m, k), o in zip(self.xp.term_shapes[1:], self.xp.rest_offsets):
+            out.append(v[o: o + m * k].reshape(m, k))
+        return out
+
     def solve(self):
-        """Conditional modes and fixed effects at the current factor.
+        """Spherical conditional modes and fixed effects at the current factor.
+
+        Back-substitution with L' on the last row of L, which holds L⁻¹ of the right-hand
+        side (Bates et al. 2015, eqs. 19-20).
 
         Returns
         -------
-        u1 : (m1, k1) array
-            Spherical random effects of term 1.
-        urest : (q_rest,) array
-            Spherical random effects of the remaining terms.
+        u : list of (m_i, k_i) arrays
+            Spherical random effects per term (b_i = u_i T_i').
         beta : (p,) array
         """
+        import scipy.linalg as sla
+
         xp = self.xp
         D, nz, p = xp.D, xp.nz, xp.p
         L = np.tril(self.L22)
         c = L[D - 1, : D - 1]
-        import scipy.linalg as sla
-
         z = sla.solve_triangular(L[: D - 1, : D - 1], c, lower=True, trans="T") if D > 1 else np.zeros(0)
-        # term 1: L11_j' u_j = c1_j - V_j' z  (c1 is the y row of each panel)
+        # term 1: L11_j' u_j = c1_j - V_j' z  (c1 is the y row, the last row of each panel)
         m1, k1 = xp.m1, xp.k1
-        rows = xp.rows
         zext = np.append(z, 0.0)
-        contrib = self.L21 * zext[rows][:, None]               # rows of y get 0
+        contrib = self.L21 * zext[xp.rows][:, None]
         level = np.repeat(np.arange(m1), np.diff(xp.indptr))
         s = np.zeros((m1, k1))
         np.add.at(s, level, contrib)
-        ypos = xp.indptr[1:] - 1                               # y is the last row of each panel
-        rhs = self.L21[ypos] - s
+        rhs = self.L21[xp.indptr[1:] - 1] - s
         u1 = np.empty((m1, k1))
-        for a in range(k1 - 1, -1, -1):   # back-substitution with L11_j' (upper), vectorised over j
+        for a in range(k1 - 1, -1, -1):   # back-substitution with L11_j' (upper), all j at once
             acc = rhs[:, a] - np.einsum("jb,jb->j", self.L11[:, a + 1:, a], u1[:, a + 1:])
             u1[:, a] = acc / self.L11[:, a, a]
-        return u1, z[:nz], z[nz: nz + p]
+        return [u1] + self._split_rest(z[:nz]), z[nz: nz + p]
 
     def rx_inverse(self) -> np.ndarray:
-        """R_X^{-1} (p×p) such that (X'V⁻¹X)⁻¹ ∝ R_X^{-1} R_X^{-T}."""
+        """R_X⁻¹ (p×p, upper) so that Var(β̂) = σ² R_X⁻¹ R_X⁻ᵀ."""
+        import scipy.linalg as sla
+
         xp = self.xp
         nz, p = xp.nz, xp.p
         LX = np.tril(self.L22[nz: nz + p, nz: nz + p])
-        import scipy.linalg as sla
+        return sla.solve_triangular(LX, np.eye(p), lower=True).T
 
-        return sla.solve_triangular(LX, np.eye(p), lower=True)
-
-    def condvar_blocks(self):
-        """Diagonal blocks of (L_θ L_θ')⁻¹: (m1, k1, k1) for term 1 and the dense rest block.
+    def condvar(self):
+        """Diagonal blocks of (L_θ L_θ')⁻¹, one (m_i, k_i, k_i) array per term.
 
         lme4's conditional variances are σ² Λ (L_θL_θ')⁻¹ Λ' (``ranef(condVar = TRUE)``).
         """
         import scipy.linalg as sla
 
         xp = self.xp
-        nz, k1 = xp.nz, xp.k1
+        nz = xp.nz
         Lzz = np.tril(self.L22[:nz, :nz])
         Linv = sla.solve_triangular(Lzz, np.eye(nz), lower=True) if nz else np.zeros((0, 0))
-        rest = Linv.T @ Linv if nz else np.zeros((0, 0))
         L11inv = np.linalg.inv(self.L11)                       # (m1, k1, k1), lower
         blocks = np.einsum("jba,jbc->jac", L11inv, L11inv)     # L11^{-T} L11^{-1}
         if nz:
@@ -142,12 +147,14 @@ class BlockedPLS:
                 p0, p1 = xp.indptr[j], xp.indptr[j + 1]
                 r = xp.rows[p0:p1]
                 sel = r < nz
-                if not sel.any():
-                    continue
-                W = Linv[:, r[sel]] @ self.L21[p0:p1][sel]     # (nz, k1)
-                W = W @ L11inv[j]
-                blocks[j] += W.T @ W
-        return blocks, rest
+                if sel.any():
+                    W = Linv[:, r[sel]] @ self.L21[p0:p1][sel] @ L11inv[j]
+                    blocks[j] += W.T @ W
+        out = [blocks]
+        for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
+            Li = Linv[:, o: o + m * k].reshape(nz, m, k)
+            out.append(np.einsum("rja,rjb->jab", Li, Li))
+        return out
 
 
 # ---------------------------------------------------------------------- dense oracles

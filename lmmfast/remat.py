@@ -80,19 +80,13 @@ class ReTerm:
     """
 
     def __init__(self, bar, frame: pd.DataFrame):
-        import formulaic
+        from .fixed import design
 
         self.bar = bar
         self.group = bar.group
         self.lhs = bar.lhs
         self.codes, self.levels = grouping_factor(frame, bar.factors, str(bar))
-        try:
-            mm = formulaic.model_matrix("~ " + bar.lhs, frame, na_action="ignore")
-        except Exception as e:  # formulaic raises several types for unknown names
-            raise FormulaError(f"cannot build the model matrix of random-effects term {bar}: {e}") from e
-        self.spec = mm.model_spec
-        self.cnames = [lme4_name(c) for c in mm.columns]
-        self.X = np.ascontiguousarray(np.asarray(mm, dtype=np.float64))
+        self.X, self.cnames, self.spec = design(bar.lhs, frame, f"random-effects term {bar}")
         if self.X.shape[1] == 0:
             raise FormulaError(f"random-effects term {bar} has no columns")
 

@@ -70,30 +70,21 @@ class LmerFit:
         self.df = npar
         self.aic = self.objective + 2 * npar
         self.bic = self.objective + math.log(n) * npar
-        u1, urest, beta = pls.solve()
+        u, beta = pls.solve()
         self.fixef = pd.Series(beta, index=list(model.xnames), name="Estimate")
-        self._b = self._scale_modes(u1, urest)
+        self._b = [ui @ T.T for ui, T in zip(u, self._T())]
         Rinv = pls.rx_inverse()
-        V = self.sigma ** 2 * (Rinv.T @ Rinv)
+        V = self.sigma ** 2 * (Rinv @ Rinv.T)
         self.vcov = pd.DataFrame(V, index=model.xnames, columns=model.xnames)
         low = model.theta_lower
         self.is_singular = bool(np.any(np.abs(theta[low == 0]) < 1e-4))
         self.theta_names = list(model.theta_names)
 
     # ------------------------------------------------------------------ random effects
-    def _scale_modes(self, u1, urest):
-        """b = Λ u per term, each an (m_i, k_i) array."""
+    def _T(self):
+        """Relative covariance factor T_i of each term at the estimate."""
         m = self.model
-        out = []
-        for i, (t, off) in enumerate(zip(m.terms, m.theta_offsets)):
-            T = t.T(self.theta[off: off + t.ntheta])
-            if i == 0:
-                u = u1
-            else:
-                o = m.xp.rest_offsets[i - 1]
-                u = urest[o: o + t.q].reshape(t.nlevels, t.k)
-            out.append(u @ T.T)
-        return out
+        return [t.T(self.theta[off: off + t.ntheta]) for t, off in zip(m.terms, m.theta_offsets)]
 
     def _by_group(self, arrays):
         groups = {}
@@ -112,21 +103,13 @@ class LmerFit:
 
     @cached_property
     def ranef_sd(self) -> dict:
-        """Conditional standard deviations of the random effects (lme4's condVar)."""
-        m = self.model
-        pls = m.pls
+        """Conditional standard deviations of the random effects (lme4's condVar):
+        square roots of the diagonal of σ² Λ (L_θL_θ')⁻¹ Λ'."""
+        pls = self.model.pls
         pls.factor(self.theta)
-        blocks1, rest = pls.condvar_blocks()
         s2 = self.sigma ** 2
         sds = []
-        for i, (t, off) in enumerate(zip(m.terms, m.theta_offsets)):
-            T = t.T(self.theta[off: off + t.ntheta])
-            if i == 0:
-                B = blocks1
-            else:
-                o = m.xp.rest_offsets[i - 1]
-                idx = o + np.arange(t.q).reshape(t.nlevels, t.k)
-                B = rest[idx[:, :, None], idx[:, None, :]]
+        for T, B in zip(self._T(), pls.condvar()):
             C = s2 * np.einsum("ab,jbc,dc->jad", T, B, T)
             sds.append(np.sqrt(np.maximum(np.einsum("jaa->ja", C), 0.0)))
         return self._by_group(sds)
