@@ -19,8 +19,9 @@ _FACTORS = {
     "penicillin": ["plate", "sample"],
     "pastes": ["batch", "cask", "sample"],
     "insteval": ["s", "d", "studage", "lectage", "service", "dept"],
+    "students": ["sex", "classroom", "school", "province", "student_id"],
 }
-_FILES = {"insteval": "insteval.csv.gz"}
+_FILES = {"insteval": "insteval.csv.gz", "students": "students.csv.gz"}
 
 
 def names() -> list:

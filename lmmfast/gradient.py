@@ -1,0 +1,121 @@
+"""The gradient of the profiled deviance (ML) and of the REML criterion with respect to θ.
+
+With ``W = [ZΛ X]`` and ``M = W'W + diag(I_q, 0)`` (its Cholesky factor is the PLS factor
+without the y row), the criteria are, up to constants (Bates et al. 2015, eqs. 34, 41),
+
+    ML:    f(θ) = log|M_ZZ| + n log r²(θ)
+    REML:  f(θ) = log|M|    + (n − p) log r²(θ)
+
+For θ_k = T_i[a, b], ∂Λ/∂θ_k = I_{m_i} ⊗ E_ab, so
+
+* ``∂ log|M| / ∂θ_k = 2 Σ_l Σ_r (M⁻¹)[(l,b), r] (W'Z)[r, (l,a)]``  — only the entries of M⁻¹
+  on the pattern of W'Z are needed (a selected inverse: the dense block's inverse, and per
+  level of the first term the few rows it touches);
+* ``∂ r² / ∂θ_k = −2 Σ_l (Z'e)[(l,a)] û[l,b]``  (envelope theorem on the PRSS, eq. 20), with
+  e = y − Xβ̂ − ZΛû; Z'e comes from the stored cross-products, not from the n rows.
+
+Cost: one dense inverse of the dense block (LAPACK ``dpotri``: about twice the Cholesky)
+plus one pass over the stored cross-products.  :func:`numeric_gradient` is the test oracle.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _pls
+
+__all__ = ["blocked_gradient", "numeric_gradient"]
+
+
+def _lam_t_rows(M, xp, rscale, Tflat, nrows):
+    """Λ_rest' M for the first ``nrows`` rows of the dense block (row operations)."""
+    out = M * rscale[:nrows, None]
+    starts = np.flatnonzero(xp.rk[:nrows] > 1)
+    for s in starts:
+        k = xp.rk[s]
+        T = Tflat[xp.rtoff[s]: xp.rtoff[s] + k * k].reshape(k, k)
+        out[s: s + k] = T.T @ M[s: s + k]
+    return out
+
+
+def blocked_gradient(pls, reml: bool) -> np.ndarray:
+    """Gradient of the objective at the θ of ``pls``'s current factor (BlockedPLS).
+
+    Parameters
+    ----------
+    pls : BlockedPLS
+        Factored at θ (``pls.objective(θ, reml)`` was just called).
+    reml : bool
+    """
+    xp = pls.xp
+    nz, p, D, k1, m1 = xp.nz, xp.p, xp.D, xp.k1, xp.m1
+    n = xp.n
+    Dp = nz + p if reml else nz
+    # ---- dense block of M⁻¹ (selected inverse of the dense part: all of it)
+    Minv = np.empty((Dp, Dp))
+    info = _pls.dense_inverse(pls.L22, Dp, Minv)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dpotri failed ({info})")
+    kmax = max([k for _, k in xp.term_shapes[1:]] + [1])
+    G1 = np.zeros((k1, k1))
+    out2 = np.zeros((max(nz, 1), kmax))
+    _pls.grad_block1(xp.A11, pls.T1, xp.indptr, xp.rows, xp.A21, pls.L11, pls.L21,
+                     Minv, nz, pls.rscale, xp.rk, xp.rtoff, pls.Tflat, G1, out2)
+    Gs = [G1]
+    if nz:
+        AL = _lam_t_rows(xp.A22[:Dp, :nz], xp, pls.rscale, pls.Tflat, Dp)  # Λr'(W'Z) rows
+        for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
+            q = m * k
+            Mi = Minv[o: o + q, :].reshape(m, k, Dp)
+            Ai = AL[:, o: o + q].T.reshape(m, k, Dp)
+            G = np.einsum("lbr,lar->ba", Mi, Ai)
+            G += out2[o: o + q, :k].reshape(m, k, k).sum(axis=0).T
+            Gs.append(G)
+    # ---- derivative of r²: Z'e from the cross-products
+    u, beta = pls.solve()
+    Ts = [pls.T1] + [_rest_T(xp, pls.Tflat, pls.rscale, i) for i in range(len(xp.term_shapes) - 1)]
+    b = [ui @ T.T for ui, T in zip(u, Ts)]
+    w = np.concatenate([-np.concatenate([bi.ravel() for bi in b[1:]]) if nz else np.zeros(0),
+                        -beta, [1.0]])
+    level = np.repeat(np.arange(m1), np.diff(xp.indptr))
+    wr = w[xp.rows]
+    ze1 = np.zeros((m1, k1))
+    np.add.at(ze1, level, xp.A21 * wr[:, None])
+    ze1 -= np.einsum("jab,jb->ja", xp.A11, b[0])
+    zes = [ze1]
+    if nz:
+        zr = xp.A22[:nz, :] @ w
+        sel = xp.rows < nz
+        contrib = np.einsum("tc,tc->t", xp.A21[sel], b[0][level[sel]])
+        zr -= np.bincount(xp.rows[sel], weights=contrib, minlength=nz)
+        for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
+            zes.append(zr[o: o + m * k].reshape(m, k))
+    ldz, ldx, r2 = pls.pieces()
+    scale = (n - p if reml else n) / r2
+    grad = []
+    for G, ze, ui, (m, k) in zip(Gs, zes, u, xp.term_shapes):
+        for bcol in range(k):
+            for a in range(bcol, k):
+                dr2 = -2.0 * float(ze[:, a] @ ui[:, bcol])
+                grad.append(2.0 * G[bcol, a] + scale * dr2)
+    return np.array(grad)
+
+
+def _rest_T(xp, Tflat, rscale, i):
+    """T of rest term i (index into term_shapes[1:]) from the per-θ row descriptors."""
+    m, k = xp.term_shapes[i + 1]
+    o = xp.rest_offsets[i]
+    if k == 1:
+        return np.array([[rscale[o]]])
+    off = xp.rtoff[o]
+    return Tflat[off: off + k * k].reshape(k, k)
+
+
+def numeric_gradient(f, theta, h=1e-6) -> np.ndarray:
+    """Central finite differences (the oracle for tests)."""
+    theta = np.asarray(theta, dtype=float)
+    g = np.empty_like(theta)
+    for i in range(len(theta)):
+        e = np.zeros_like(theta)
+        e[i] = h * max(1.0, abs(theta[i]))
+        g[i] = (f(theta + e) - f(theta - e)) / (2 * e[i])
+    return g
