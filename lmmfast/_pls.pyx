@@ -26,6 +26,7 @@ import numpy as np
 cimport numpy as cnp
 from libc.math cimport sqrt, log
 from scipy.linalg.cython_lapack cimport dpotrf, dpotri
+from scipy.linalg.cython_blas cimport dsyrk, dgemm
 
 cnp.import_array()
 
@@ -77,13 +78,55 @@ cdef void cols_mul(double* m, Py_ssize_t ld, Py_ssize_t nrow, const double* T,
             m[r * ld + a] = s
 
 
+# Panels with more entries than this use BLAS (dsyrk / dgemm) on a gathered buffer.
+DEF BLAS_MIN = 256
+# Largest panel (rows) gathered into a buffer; bigger panels use the plain loops.
+DEF GATHER_MAX = 2048
+
+
+cdef void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows, const double* v,
+                   Py_ssize_t nr, Py_ssize_t k1, double* buf) noexcept nogil:
+    """L22[rows, rows] -= V V' on the lower triangle (rows ascending)."""
+    cdef Py_ssize_t t, u, c, r
+    cdef double s
+    cdef int n_i, k_i
+    cdef char up = b'U', tr = b'T'
+    cdef double one = 1.0, zero = 0.0, mone = -1.0
+    cdef int ld_i
+    if nr * k1 >= BLAS_MIN and rows[nr - 1] - rows[0] == nr - 1:
+        # contiguous rows: rank-k update straight into L22 (column-major 'U' = row-major lower)
+        n_i = <int>nr
+        k_i = <int>k1
+        ld_i = <int>D
+        dsyrk(&up, &tr, &n_i, &k_i, &mone, <double*>v, &k_i, &one,
+              L22 + rows[0] * D + rows[0], &ld_i)
+        return
+    if buf != NULL and nr * k1 >= BLAS_MIN and nr <= GATHER_MAX:
+        # column-major C = (V')' V' with uplo 'U' is row-major lower: C[t*nr+u], t >= u
+        n_i = <int>nr
+        k_i = <int>k1
+        dsyrk(&up, &tr, &n_i, &k_i, &one, <double*>v, &k_i, &zero, buf, &n_i)
+        for t in range(nr):
+            r = rows[t] * D
+            for u in range(t + 1):
+                L22[r + rows[u]] -= buf[t * nr + u]
+        return
+    for t in range(nr):
+        r = rows[t] * D
+        for u in range(t + 1):
+            s = 0.0
+            for c in range(k1):
+                s += v[t * k1 + c] * v[u * k1 + c]
+            L22[r + rows[u]] -= s
+
+
 cdef int update_blocked_core(
         const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
         const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
         const double* A22, Py_ssize_t D, Py_ssize_t nz,
         const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
         const double* Tflat,
-        double* L11, double* L21, double* L22) noexcept nogil:
+        double* L11, double* L21, double* L22, double* buf) noexcept nogil:
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr
     cdef double s
     cdef double* blk
@@ -94,8 +137,9 @@ cdef int update_blocked_core(
 
     # ---- L22 <- Λr' A22 Λr  (+ I on the random-effects rows)
     for r in range(D):
+        s = rscale[r]
         for c in range(D):
-            L22[r * D + c] = A22[r * D + c] * rscale[r] * rscale[c]
+            L22[r * D + c] = A22[r * D + c] * s * rscale[c]
     for r in range(D):
         kk = rk[r]
         if kk > 1:
@@ -140,13 +184,7 @@ cdef int update_blocked_core(
                     s -= v[t * k1 + b] * blk[c * k1 + b]
                 v[t * k1 + c] = s / blk[c * k1 + c]
         # ---- L22 -= V V' (lower triangle; rows are ascending)
-        for t in range(nr):
-            r = rows[p0 + t]
-            for u in range(t + 1):
-                s = 0.0
-                for c in range(k1):
-                    s += v[t * k1 + c] * v[u * k1 + c]
-                L22[r * D + rows[p0 + u]] -= s
+        downdate(L22, D, rows + p0, v, nr, k1, buf)
 
     # ---- dense Cholesky of L22 (row-major lower == column-major upper)
     n_i = <int>D
@@ -155,6 +193,14 @@ cdef int update_blocked_core(
     if info != 0:
         return info
     return 0
+
+
+cdef Py_ssize_t _max_panel(const cnp.int64_t[::1] indptr) noexcept:
+    cdef Py_ssize_t j, m = 0
+    for j in range(indptr.shape[0] - 1):
+        if indptr[j + 1] - indptr[j] > m:
+            m = indptr[j + 1] - indptr[j]
+    return m
 
 
 def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
@@ -211,10 +257,14 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
     cdef const double* a21p = &A21[0, 0] if A21.shape[0] > 0 else NULL
     cdef double* l21p = &L21_out[0, 0] if L21_out.shape[0] > 0 else NULL
     cdef const cnp.int64_t* rowsp = &rows[0] if rows.shape[0] > 0 else NULL
+    cdef Py_ssize_t nrmax = _max_panel(indptr)
+    buf = np.empty(min(nrmax, GATHER_MAX) ** 2 if nrmax * k1 >= BLAS_MIN else 1)
+    cdef double[::1] bufv = buf
     with nogil:
         info = update_blocked_core(&A11[0, 0, 0], m1, k1, &T1[0, 0], &indptr[0], rowsp,
                                    a21p, &A22[0, 0], D, nz, &rscale[0], &rk[0], &rtoff[0],
-                                   &Tflat[0], &L11_out[0, 0, 0], l21p, &L22_out[0, 0])
+                                   &Tflat[0], &L11_out[0, 0, 0], l21p, &L22_out[0, 0],
+                                   &bufv[0] if nrmax * k1 >= BLAS_MIN else NULL)
     return info
 
 
@@ -257,9 +307,12 @@ cdef int grad_block1_core(
         const double* L11, const double* L21, const double* Minv, Py_ssize_t Dp, Py_ssize_t nz,
         const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
         const double* Tflat, double* G1, double* out2, Py_ssize_t kmax,
-        double* work) noexcept nogil:
+        double* work, double* gbuf) noexcept nogil:
     cdef Py_ssize_t j, t, u, a, b, c, p0, nr, r, kk
     cdef double s
+    cdef int n_i, k_i, ld_i
+    cdef char nn = b'N'
+    cdef double one = 1.0, zero = 0.0
     cdef double* P = work                       # nr × k1 : Minv22[rows,rows] V, then Minv21_j
     cdef double* AR = work + Dp * k1            # nr × k1 : Λr' A21_j (scaled rows)
     cdef double* AT = work + 2 * Dp * k1        # nr × k1 : A21_j T1
@@ -289,12 +342,28 @@ cdef int grad_block1_core(
                     s += L[a * k1 + c] * Li[c * k1 + b]
                 Li[a * k1 + b] = -s / L[a * k1 + a]
         # P = Minv22[rows, rows] V
-        for t in range(nr):
-            for c in range(k1):
-                s = 0.0
+        if nr * k1 >= BLAS_MIN and rows[p0 + nr - 1] - rows[p0] == nr - 1:
+            n_i = <int>nr
+            k_i = <int>k1
+            ld_i = <int>Dp
+            dgemm(&nn, &nn, &k_i, &n_i, &n_i, &one, <double*>V, &k_i,
+                  <double*>Minv + rows[p0] * Dp + rows[p0], &ld_i, &zero, P, &k_i)
+        elif gbuf != NULL and nr * k1 >= BLAS_MIN and nr <= GATHER_MAX:
+            for t in range(nr):
+                r = rows[p0 + t] * Dp
                 for u in range(nr):
-                    s += Minv[rows[p0 + t] * Dp + rows[p0 + u]] * V[u * k1 + c]
-                P[t * k1 + c] = s
+                    gbuf[t * nr + u] = Minv[r + rows[p0 + u]]
+            # column-major: P' (k1×nr) = V' (k1×nr) S (nr×nr, symmetric)
+            n_i = <int>nr
+            k_i = <int>k1
+            dgemm(&nn, &nn, &k_i, &n_i, &n_i, &one, <double*>V, &k_i, gbuf, &n_i, &zero, P, &k_i)
+        else:
+            for t in range(nr):
+                for c in range(k1):
+                    s = 0.0
+                    for u in range(nr):
+                        s += Minv[rows[p0 + t] * Dp + rows[p0 + u]] * V[u * k1 + c]
+                    P[t * k1 + c] = s
         # H = I + V'P
         for a in range(k1):
             for b in range(k1):
@@ -382,6 +451,10 @@ def grad_block1(const double[:, :, ::1] A11, const double[:, ::1] T1,
         raise ValueError("factor shapes do not match the cross-products")
     work = np.zeros(3 * max(Dp, 1) * k1 + 4 * k1 * k1 + k1)
     cdef double[::1] w = work
+    cdef Py_ssize_t nrmax = _max_panel(indptr)
+    cdef bint use_blas = nrmax * k1 >= BLAS_MIN
+    gb = np.empty(min(nrmax, GATHER_MAX) ** 2 if use_blas else 1)
+    cdef double[::1] gbv = gb
     cdef const double* a21p = &A21[0, 0] if A21.shape[0] > 0 else NULL
     cdef const double* l21p = &L21[0, 0] if L21.shape[0] > 0 else NULL
     cdef const cnp.int64_t* rowsp = &rows[0] if rows.shape[0] > 0 else NULL
@@ -390,7 +463,8 @@ def grad_block1(const double[:, :, ::1] A11, const double[:, ::1] T1,
     with nogil:
         grad_block1_core(&A11[0, 0, 0], m1, k1, &T1[0, 0], &indptr[0], rowsp, a21p,
                          &L11[0, 0, 0], l21p, minvp, Dp, nz, &rscale[0], &rk[0], &rtoff[0],
-                         &Tflat[0], &G1_out[0, 0], o2, kmax, &w[0])
+                         &Tflat[0], &G1_out[0, 0], o2, kmax, &w[0],
+                         &gbv[0] if use_blas else NULL)
     return None
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import ConvergenceWarning
 
-__all__ = ["OptSummary", "minimize_bobyqa"]
+__all__ = ["OptSummary", "minimize_bobyqa", "minimize_lbfgs"]
 
 # nlopt's return codes
 _NLOPT_CODES = {
@@ -103,6 +103,100 @@ class _Counted:
         return f if math.isfinite(f) else 1e300
 
 
+def _check_boundary(fn, x, fx, lower, counter):
+    """lme4's check.boundary: components within 1e-5 of their bound of 0 are tried at the
+    bound, kept when the objective is not worse."""
+    near = np.isfinite(lower) & (x - lower < 1e-5) & (x != lower)
+    if near.any():
+        xb = np.where(near, lower, x)
+        fb = fn(xb)
+        counter.n += 1
+        if fb <= fx:
+            return xb, fb
+    return x, fx
+
+
+def _finish(summ, fn, f, x, fx, lower, code, codes, t0):
+    if f.best_x is not None and f.best_f < fx:
+        x, fx = f.best_x, f.best_f
+    x, fx = _check_boundary(fn, x, fx, lower, f)
+    summ.final, summ.fmin, summ.feval = x, float(fx), f.n
+    summ.returnvalue = codes.get(code, str(code))
+    summ.elapsed = time.perf_counter() - t0
+    if not summ.converged:
+        msg = (f"the optimizer stopped without converging ({summ.returnvalue} after {f.n} "
+               "evaluations); the estimates may not be the optimum")
+        summ.messages.append(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+    return summ
+
+
+def minimize_lbfgs(fg, x0, lower, *, gtol=1e-5, ftol=1e-15, maxeval=100000,
+                   verbose=False, callback=None):
+    """Minimise with L-BFGS-B using the analytic gradient (``fg(θ) -> (f, ∇f)``).
+
+    Stops when the projected gradient's largest component is below ``gtol`` or the
+    relative decrease below ``ftol``.  A line search that cannot improve further at
+    the optimum (floating-point limit) counts as converged when the projected gradient
+    is small.
+    """
+    import scipy.optimize as so
+
+    x0 = np.asarray(x0, dtype=float)
+    lower = np.asarray(lower, dtype=float)
+    summ = OptSummary("lbfgs", x0.copy(), lower.copy(), xtol_abs=0.0, ftol_abs=0.0,
+                      ftol_rel=ftol, maxeval=maxeval)
+    last = {}
+
+    def fonly(x):
+        return fg(x)[0]
+
+    f = _Counted(fonly, verbose, callback)
+
+    def fgc(x):
+        val, g = fg(np.asarray(x, dtype=float))
+        f.n += 1
+        if val < f.best_f:
+            f.best_f, f.best_x = val, np.array(x, dtype=float)
+        if f.verbose and (f.n <= 10 or f.n % 10 == 0):
+            print(f"  eval {f.n:5d}  objective {val:.6f}  ({time.perf_counter() - f.t0:.2f} s)", flush=True)
+        if f.callback is not None:
+            f.callback(f.n, np.asarray(x, dtype=float), val)
+        last["g"] = g
+        if not np.isfinite(val):
+            return 1e300, np.zeros_like(x)
+        return val, g
+
+    t0 = time.perf_counter()
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    start = x0
+    x = fx = r = None
+    for attempt in range(4):
+        rr = so.minimize(fgc, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                         options=dict(ftol=ftol, gtol=gtol, maxcor=20,
+                                      maxfun=max(1, int(maxeval) - f.n), maxiter=int(maxeval)))
+        if r is None or rr.fun < fx - 1e-10 * max(1.0, abs(fx)):
+            r, x, fx = rr, np.asarray(rr.x, dtype=float), float(rr.fun)
+        elif attempt:
+            break
+        # A diagonal element of T at its bound of 0 is always a stationary point of the
+        # objective in that coordinate, so a gradient method can stop there even when the
+        # optimum is inside: restart from just inside the bound, keep the better end.
+        edge = np.isfinite(lower) & (x <= lower)
+        if not edge.any() or f.n >= maxeval:
+            break
+        start = np.where(edge, lower + 0.1, x)
+    g = np.asarray(fg(x)[1]) if len(x) else np.zeros(0)
+    f.n += 1
+    pg = np.where((x <= lower) & (g > 0), 0.0, g)       # projected gradient
+    small = np.max(np.abs(pg)) <= max(1e-3, 1e-8 * abs(fx)) if len(pg) else True
+    code = 1 if r.success else (4 if small and r.status == 2 else -1)
+    summ.converged = code > 0
+    return _finish(summ, fonly, f, x, fx, lower, code,
+                   {1: "CONVERGENCE", 4: "ABNORMAL_TERMINATION_IN_LNSRCH (at optimum)",
+                    -1: str(r.message)}, t0)
+
+
 def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=0.0,
                     maxeval=100000, initial_step=None, verbose=False, callback=None):
     """Minimise ``fn`` over θ with nlopt's BOBYQA under lme4's bounds and tolerances.
@@ -147,23 +241,5 @@ def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=0.0
     x = np.asarray(x, dtype=float)
     fx = fn(x)
     f.n += 1
-    if f.best_x is not None and f.best_f < fx:
-        x, fx = f.best_x, f.best_f
-    # lme4's check.boundary: try components near the lower bound at the bound
-    near = np.isfinite(lower) & (x - lower < 1e-5) & (x != lower)
-    if near.any():
-        xb = np.where(near, lower, x)
-        fb = fn(xb)
-        f.n += 1
-        if fb <= fx:
-            x, fx = xb, fb
-    summ.final, summ.fmin, summ.feval = x, float(fx), f.n
-    summ.returnvalue = _NLOPT_CODES.get(code, str(code))
     summ.converged = code > 0 and code != 5
-    summ.elapsed = time.perf_counter() - t0
-    if not summ.converged:
-        msg = (f"the optimizer stopped without converging ({summ.returnvalue} after {f.n} "
-               "evaluations); the estimates may not be the optimum")
-        summ.messages.append(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-    return summ
+    return _finish(summ, fn, f, x, fx, lower, code, _NLOPT_CODES, t0)

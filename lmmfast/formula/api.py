@@ -23,14 +23,15 @@ from .translate import SamePartitionWarning, check_same_partitions, translate
 
 __all__ = ["mixedlm", "MixedLM", "MixedLMResults", "SamePartitionWarning"]
 
-# statsmodels' optimizer names: accepted and ignored (lmmfast always uses BOBYQA, as lme4)
+# statsmodels' optimizer names: accepted and ignored (lmmfast uses lmer's default optimizer)
 _SM_METHODS = {"bfgs", "lbfgs", "l-bfgs-b", "cg", "nm", "nelder-mead", "powell", "newton",
                "basinhopping", "minimize"}
 _OWN_METHODS = {"bobyqa", "nloptwrap"}
 # keywords of lmmfast's own fit, passed through
 _CONTROL = {"xtol_abs", "ftol_abs", "ftol_rel", "maxeval", "start", "callback", "verbose",
-            "optimizer"}
-# scipy / statsmodels optimizer options with no meaning for BOBYQA: accepted and ignored
+            "optimizer", "initial_step"}
+# scipy / statsmodels optimizer options: accepted and ignored (forwarded only to lmmfast's
+# L-BFGS-B when optimizer="lbfgs" is asked for explicitly)
 _IGNORED = {"gtol", "xtol", "ftol", "norm", "eps", "retall", "return_all", "full_output",
             "niter_sa", "do_cg", "use_sqrt", "callback_kwargs", "epsilon"}
 
@@ -95,7 +96,7 @@ class MixedLM:
                 m = LinearMixedModel(self.lme4_formula, self.data, REML=reml)
         except DataError as e:
             g = self.groups
-            if g is not None and f"'{g}'" in str(e):
+            if g is not None and f"'{g}'" in str(e) and "residual" in str(e):
                 raise DataError(
                     f"{e}.\nThe term comes from groups={g!r}, which adds a random intercept for "
                     f"{g!r} (statsmodels' meaning); leave groups= out when each {g} has a single "
@@ -109,9 +110,10 @@ class MixedLM:
             **kwargs) -> MixedLMResults:
         """Estimate the model: REML (default) or maximum likelihood.
 
-        statsmodels' signature is accepted.  lmmfast always minimises lme4's profiled
-        criterion over θ with BOBYQA, so the estimates do not depend on the optimizer
-        settings (only on the model and on ``reml``):
+        statsmodels' signature is accepted.  lmmfast minimises lme4's profiled criterion
+        over θ with the optimizer :func:`lmmfast.lmer` uses by default, whatever
+        statsmodels optimizer is named, so the estimates are those of ``lmmfast.lmer`` on
+        ``model.lme4_formula`` (they depend on the model and on ``reml`` only):
 
         Parameters
         ----------
@@ -127,16 +129,19 @@ class MixedLM:
             a fit of a different model).
         method : str or list, optional
             statsmodels' optimizer names (``"lbfgs"``, ``"bfgs"``, ``"cg"``, ``"nm"``,
-            ``"powell"``, ...) are accepted and ignored; ``"bobyqa"`` names the one used.
+            ``"powell"``, ...) are accepted and ignored; ``"bobyqa"`` (or
+            ``"nloptwrap"``) asks for lme4's BOBYQA.  To choose lmmfast's optimizer, pass
+            ``optimizer=`` (see :meth:`lmmfast.LinearMixedModel.fit`).
         maxiter : int, optional
-            Maximum number of objective evaluations (BOBYQA's ``maxeval``).
+            Maximum number of objective evaluations (the optimizer's ``maxeval``).
         disp : bool
             Print the optimizer's progress.
         **kwargs
-            lmmfast's fit controls (``xtol_abs``, ``ftol_abs``, ``ftol_rel``, ``maxeval``,
-            ``start``, ``callback``, ``verbose``); scipy optimizer options statsmodels
-            would pass on (``gtol``, ``xtol``, ``ftol``, ...) are ignored.  Anything else is
-            a TypeError.
+            lmmfast's fit controls (``optimizer``, ``xtol_abs``, ``ftol_abs``,
+            ``ftol_rel``, ``maxeval``, ``initial_step``, ``start``, ``callback``,
+            ``verbose``); scipy optimizer options statsmodels would pass on (``gtol``,
+            ``xtol``, ``ftol``, ...) are ignored, except ``gtol`` and ``ftol`` with
+            ``optimizer="lbfgs"``.  Anything else is a TypeError.
 
         Returns
         -------
@@ -155,11 +160,14 @@ class MixedLM:
         methods = [method] if isinstance(method, str) or method is None else list(method)
         for mth in methods:
             if mth is not None and mth.lower() not in _SM_METHODS | _OWN_METHODS:
-                raise ValueError(f"unknown method {mth!r}; lmmfast fits with 'bobyqa' (lme4's "
+                raise ValueError(f"unknown method {mth!r}; lmmfast accepts 'bobyqa' (lme4's "
                                  f"optimizer) and ignores statsmodels' {sorted(_SM_METHODS)}")
         control = {}
+        if any(m is not None and m.lower() in _OWN_METHODS for m in methods):
+            control["optimizer"] = "bobyqa"
+        lbfgs = str(kwargs.get("optimizer", "")).lower() == "lbfgs"
         for k, v in kwargs.items():
-            if k in _CONTROL:
+            if k in _CONTROL or (lbfgs and k in ("gtol", "ftol")):
                 control[k] = v
             elif k in ("maxfun", "maxfev"):
                 control["maxeval"] = v

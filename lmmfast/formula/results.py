@@ -33,8 +33,12 @@ def _unique(names: list) -> list:
 class MixedLMResults:
     """A fitted :class:`~lmmfast.formula.api.MixedLM`.
 
-    Attributes (statsmodels' names)
-    -------------------------------
+    statsmodels' names are listed below; every lmmfast name is forwarded to the wrapped
+    :class:`~lmmfast.LmerFit` (``lmer_fit.summary()`` gives lme4's summary layout, and
+    ``lmer_fit.model`` / ``model.lmm`` the :class:`~lmmfast.LinearMixedModel`).
+
+    Attributes
+    ----------
     params : Series
         Fixed effects, then the variance parameters of the random effects, named as
         statsmodels names them: ``"classroom Var"`` (random-intercept variance),
