@@ -4,7 +4,7 @@
 >>> m = lmmfast.lmer("Reaction ~ Days + (Days | Subject)", lmmfast.datasets.load("sleepstudy"))
 >>> print(m.summary())                                          # doctest: +SKIP
 """
-from . import datasets, simulate
+from . import datasets, icc, simulate
 from .errors import (ConvergenceWarning, DataError, FormulaError, LmmError, MissingColumnError,
                      RankDeficiencyWarning)
 from .model import LinearMixedModel, lmer
@@ -12,5 +12,5 @@ from .results import LmerFit
 
 __version__ = "0.1.0"
 
-__all__ = ["lmer", "LinearMixedModel", "LmerFit", "datasets", "simulate", "LmmError", "FormulaError",
+__all__ = ["lmer", "LinearMixedModel", "LmerFit", "datasets", "simulate", "icc", "LmmError", "FormulaError",
            "DataError", "MissingColumnError", "ConvergenceWarning", "RankDeficiencyWarning"]

@@ -5,7 +5,8 @@ A mixed-model formula is a fixed-effects formula plus parenthesised *bar* terms
 reads ``|`` differently, so the bars are pulled out here before it sees the formula, and
 expanded exactly as lme4's ``findbars``/``expandDoubleVerts``/``expandSlash`` do:
 
-* ``(1 + x || g)``  ->  ``(1 | g) + (0 + x | g)``
+* ``(1 + x || g)``  ->  ``(1 | g) + (0 + x | g)`` (one term per term label: ``x*z`` gives
+  ``x``, ``z`` and ``x:z``)
 * ``(1 | a/b)``     ->  ``(1 | b:a) + (1 | a)``,   ``a/b/c`` -> ``c:b:a``, ``b:a``, ``a``
 """
 from __future__ import annotations
@@ -138,22 +139,18 @@ def _expand_group(group: str, term: str) -> list:
     return out
 
 
-def _expand_double(lhs: str) -> list:
-    """lme4's expandDoubleVerts: ``1 + x + z`` -> ["1", "0 + x", "0 + z"]."""
-    has_int, out = True, []
-    for t in (t.strip() for t in _split_top(lhs, "+")):
-        compact = t.replace(" ", "")
-        if compact.endswith("-1"):          # "x - 1" or "-1": drop the intercept
-            has_int = False
-            t = t[:t.rstrip().rfind("-")].strip()
-            compact = t.replace(" ", "")
-        if compact in ("", "1"):
-            continue
-        if compact == "0":
-            has_int = False
-            continue
-        out.append(f"0 + {t}")
-    return (["1"] if has_int else []) + out
+def _expand_double(lhs: str, term: str) -> list:
+    """lme4's expandDoubleVerts: one term per term label of the left-hand side.
+
+    ``1 + x*z`` -> ["1", "0 + x", "0 + z", "0 + x:z"] (labels in formula order: by degree,
+    as R's ``terms()``, which formulaic follows)."""
+    import formulaic
+
+    try:
+        labels = [str(t) for t in formulaic.Formula(lhs)]
+    except Exception as e:  # formulaic raises several exception types
+        raise FormulaError(f"cannot parse the left-hand side of random-effects term {term}: {e}") from e
+    return (["1"] if "1" in labels else []) + [f"0 + {t}" for t in labels if t != "1"]
 
 
 def parse_formula(formula: str) -> MixedFormula:
@@ -197,9 +194,10 @@ def parse_formula(formula: str) -> MixedFormula:
                 if not grp.strip():
                     raise FormulaError(f"random-effects term {term} has no grouping factor after the bar")
                 groups = _expand_group(grp, term)
-                lhss = _expand_double(lhs) if double else [lhs.strip()]
-                for facs in groups:
-                    for lh in lhss:
+                # lme4 expands || over the whole formula before it expands /
+                lhss = _expand_double(lhs, term) if double else [lhs.strip()]
+                for lh in lhss:
+                    for facs in groups:
                         bars.append(Bar(lh, facs))
                 pieces.append(" ")
                 i = j + 1

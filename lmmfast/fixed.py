@@ -139,6 +139,9 @@ def model_frame(mf, data) -> ModelFrame:
                         f"the model's columns ({', '.join(used)})")
     row_index = frame.index
     frame = frame.reset_index(drop=True)
+    for c in frame.columns:       # lme4's drop.unused.levels: absent categories are no levels
+        if isinstance(frame[c].dtype, pd.CategoricalDtype):
+            frame[c] = frame[c].cat.remove_unused_categories()
     return ModelFrame(frame, n_drop, row_index)
 
 
@@ -165,7 +168,7 @@ def response(mf, frame: pd.DataFrame) -> np.ndarray:
     if not np.all(np.isfinite(y)):
         raise DataError(f"response {name!r} has infinite values")
     if len(y) > 1 and np.ptp(y) == 0:
-        raise DataError(f"response {name!r} is constant ({y[0]!r} in all {len(y)} rows); "
+        raise DataError(f"response {name!r} is constant ({float(y[0])!r} in all {len(y)} rows); "
                         "there is no variance to model")
     return y
 

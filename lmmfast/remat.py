@@ -29,7 +29,7 @@ def lme4_name(name: str) -> str:
 
 
 def factor_codes(col: pd.Series):
-    """Codes 0..m-1 and level labels of a column used as a factor.
+    """Codes 0..m-1, level labels and level values of a column used as a factor.
 
     Levels are sorted as R's ``factor()`` does under ``sort(method = "radix")``: strings
     in byte order, numbers numerically, a pandas Categorical in its category order
@@ -37,27 +37,59 @@ def factor_codes(col: pd.Series):
     """
     if isinstance(col.dtype, pd.CategoricalDtype):
         col = col.cat.remove_unused_categories()
-        return col.cat.codes.to_numpy(np.int64), [str(c) for c in col.cat.categories]
+        cats = col.cat.categories
+        return col.cat.codes.to_numpy(np.int64), [str(c) for c in cats], pd.Index(cats)
     codes, uniques = pd.factorize(col, sort=True)
-    return codes.astype(np.int64, copy=False), [str(u) for u in uniques]
+    return codes.astype(np.int64, copy=False), [str(u) for u in uniques], pd.Index(uniques)
 
 
 def grouping_factor(frame: pd.DataFrame, factors: tuple, term: str):
-    """Codes and labels of the grouping factor ``a:b:...`` (lme4's lex-ordered interaction)."""
-    codes = None
-    labels = None
+    """Codes and labels of the grouping factor ``a:b:...`` (lme4's lex-ordered interaction).
+
+    Returns
+    -------
+    codes : (n,) int64 array
+    labels : list of str
+    encoder : GroupEncoder
+        Maps new data to these codes by value (for prediction).
+    """
+    codes = labels = None
+    values, steps = [], []
     for f in factors:
         if f not in frame.columns:
             raise MissingColumnError(f"grouping factor {f!r} of random-effects term {term} "
                                      f"is not a column of the data")
-        c, lab = factor_codes(frame[f])
+        c, lab, idx = factor_codes(frame[f])
+        values.append(idx)
         if codes is None:
             codes, labels = c, np.asarray(lab, dtype=object)
             continue
         uniq, codes = np.unique(codes * len(lab) + c, return_inverse=True)
+        steps.append(uniq)
         labels = np.array([f"{labels[u // len(lab)]}:{lab[u % len(lab)]}" for u in uniq], dtype=object)
         codes = codes.astype(np.int64, copy=False).ravel()
-    return codes, [str(x) for x in labels]
+    return codes, [str(x) for x in labels], GroupEncoder(tuple(factors), values, steps)
+
+
+class GroupEncoder:
+    """Maps rows of new data to a fitted grouping factor's codes (-1: level not seen)."""
+
+    def __init__(self, factors, values, steps):
+        self.factors, self.values, self.steps = factors, values, steps
+
+    def codes(self, frame: pd.DataFrame) -> np.ndarray:
+        codes = None
+        for f, idx, k in zip(self.factors, self.values, range(len(self.factors))):
+            c = np.asarray(idx.get_indexer(pd.Series(frame[f]).to_numpy()), dtype=np.int64)
+            if codes is None:
+                codes = c
+                continue
+            ok = (codes >= 0) & (c >= 0)
+            key = codes * len(idx) + c
+            uniq = self.steps[k - 1]
+            pos = np.clip(np.searchsorted(uniq, key), 0, len(uniq) - 1)
+            codes = np.where(ok & (uniq[pos] == key), pos, -1)
+        return codes
 
 
 class ReTerm:
@@ -85,7 +117,7 @@ class ReTerm:
         self.bar = bar
         self.group = bar.group
         self.lhs = bar.lhs
-        self.codes, self.levels = grouping_factor(frame, bar.factors, str(bar))
+        self.codes, self.levels, self.encoder = grouping_factor(frame, bar.factors, str(bar))
         self.X, self.cnames, self.spec = design(bar.lhs, frame, f"random-effects term {bar}")
         if self.X.shape[1] == 0:
             raise FormulaError(f"random-effects term {bar} has no columns")

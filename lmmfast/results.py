@@ -169,8 +169,6 @@ class LmerFit:
         m = self.model
         if newdata is None:
             return self.fitted if re_form else m.X @ self.fixef.to_numpy()
-        from .remat import grouping_factor
-
         Xn = np.asarray(m.fixed_spec.get_model_matrix(newdata, na_action="ignore"), dtype=float)
         eta = Xn[:, m._xkeep] @ self.fixef.to_numpy()
         if not re_form:
@@ -178,13 +176,7 @@ class LmerFit:
         Xs, codes = [], []
         for t in m.terms:
             Xs.append(np.asarray(t.spec.get_model_matrix(newdata, na_action="ignore"), dtype=float))
-            sub = pd.DataFrame(newdata).loc[:, list(t.bar.factors)]
-            missing = sub.isna().any(axis=1).to_numpy()
-            raw, labels = grouping_factor(sub.astype(object).fillna("NA"), t.bar.factors, str(t.bar))
-            pos = {lv: i for i, lv in enumerate(t.levels)}
-            lut = np.array([pos.get(lv, -1) for lv in labels], dtype=np.int64)
-            c = lut[raw]
-            c[missing] = -1
+            c = t.encoder.codes(newdata)
             codes.append(c)
         return eta + self._re_part(Xs, codes)
 

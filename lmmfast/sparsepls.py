@@ -80,8 +80,12 @@ class SparsePLS:
         self.Lambda = lam
         self.lind = (order.data - 1.0).astype(np.int64)
         self.eye = sp.identity(self.q, format="csc")
-        self._factor = analyze(self._omega(np.concatenate([t.theta_start() for t in terms])),
-                               mode="supernodal", ordering_method="best")
+        # Analyse the pattern at a generic θ (every element of every T nonzero): at lme4's
+        # start T is diagonal and Ω can miss entries that other θ fill; CHOLMOD then needs
+        # each later Ω's pattern to be a subset of the analysed one.
+        ntheta = sum(t.ntheta for t in terms)
+        generic = 0.7 + 0.1 * (np.arange(ntheta) % 5)
+        self._factor = analyze(self._omega(generic), mode="supernodal", ordering_method="best")
         self.theta = None
 
     def _lam(self, theta):

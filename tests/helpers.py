@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 import lmmfast
 
@@ -74,16 +73,6 @@ def fit_case(case_id: str):
         case = CASE_BY_ID[case_id]
         _FIT_CACHE[case_id] = lmmfast.lmer(case["py_formula"], case_data(case), REML=bool(case["REML"]))
     return _FIT_CACHE[case_id]
-
-
-def is_slow_case(case: dict) -> bool:
-    return case["data"] in PACKAGED
-
-
-def case_params(cases=None):
-    """pytest params over reference cases; the InstEval ones carry the ``insteval`` id prefix."""
-    cases = CASES if cases is None else cases
-    return [pytest.param(c, id=c["id"]) for c in cases]
 
 
 def dense_parts(model):

@@ -36,14 +36,18 @@ SIM = _sim()
 
 MODELS = [
     # (id, data loader, formula)
-    ("sleepstudy_corr", lambda: load_csv("sleepstudy.csv", ["Subject"]), "Reaction ~ Days + (Days | Subject)"),
-    ("sleepstudy_uncorr", lambda: load_csv("sleepstudy.csv", ["Subject"]), "Reaction ~ Days + (Days || Subject)"),
+    ("sleepstudy_corr", lambda: load_csv("sleepstudy.csv", ["Subject"]),
+     "Reaction ~ Days + (Days | Subject)"),
+    ("sleepstudy_uncorr", lambda: load_csv("sleepstudy.csv", ["Subject"]),
+     "Reaction ~ Days + (Days || Subject)"),
     ("penicillin_crossed", lambda: load_csv("penicillin.csv", ["plate", "sample"]),
      "diameter ~ 1 + (1 | plate) + (1 | sample)"),
-    ("pastes_nested", lambda: load_csv("pastes.csv", ["batch", "cask", "sample"]), "strength ~ 1 + (1 | batch/cask)"),
+    ("pastes_nested", lambda: load_csv("pastes.csv", ["batch", "cask", "sample"]),
+     "strength ~ 1 + (1 | batch/cask)"),
     ("cake_fixed_factors", lambda: load_csv("cake.csv", ["replicate", "recipe", "temperature"]),
      "angle ~ recipe * temperature + (1 | recipe:replicate)"),
-    ("orthodont", lambda: load_csv("orthodont.csv", ["Subject", "Sex"]), "distance ~ age + Sex + (age | Subject)"),
+    ("orthodont", lambda: load_csv("orthodont.csv", ["Subject", "Sex"]),
+     "distance ~ age + Sex + (age | Subject)"),
     ("machines_nested", lambda: load_csv("machines.csv", ["Worker", "Machine"]),
      "score ~ Machine + (1 | Worker/Machine)"),
     ("machines_factor_slope", lambda: load_csv("machines.csv", ["Worker", "Machine"]),
@@ -60,6 +64,28 @@ MODELS = [
 MODEL_PARAMS = [pytest.param(d, f, id=i) for i, d, f in MODELS]
 
 
+def _methods():
+    """Factorizations LinearMixedModel offers here (``method=``), if it has the argument."""
+    import inspect
+
+    if "method" not in inspect.signature(LinearMixedModel).parameters:
+        return [None]
+    out = ["blocked"]
+    try:
+        from lmmfast.sparsepls import cholmod_available
+    except ImportError:
+        return out
+    return out + (["cholmod"] if cholmod_available() else [])
+
+
+METHODS = _methods()
+
+
+def _model(formula, data, reml, method=None):
+    kw = {} if method is None else {"method": method}
+    return LinearMixedModel(formula, data, REML=reml, **kw)
+
+
 def _dense_objective(model, theta):
     Z, X, y = dense_parts(model)
     Lam = dense_lambda(model.terms, np.asarray(theta, float), model.theta_offsets)
@@ -67,10 +93,18 @@ def _dense_objective(model, theta):
 
 
 # ------------------------------------------------------------ blocked vs dense at random θ
+def _oracle_params():
+    out = []
+    for i, loader, formula in MODELS:
+        for method in METHODS:
+            out.append(pytest.param(loader, formula, method, id=f"{i}-{method}"))
+    return out
+
+
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
-@pytest.mark.parametrize("loader,formula", MODEL_PARAMS)
-def test_objective_matches_dense_oracle(loader, formula, reml):
-    model = LinearMixedModel(formula, loader(), REML=reml)
+@pytest.mark.parametrize("loader,formula,method", _oracle_params())
+def test_objective_matches_dense_oracle(loader, formula, method, reml):
+    model = _model(formula, loader(), reml, method)
     rng = np.random.default_rng(zlib.crc32(f"{formula}{reml}".encode()))
     thetas = [model.theta_start] + [random_theta(model, rng, zero_prob=0.2) for _ in range(6)]
     for theta in thetas:

@@ -35,7 +35,7 @@ def load(name: str) -> pd.DataFrame:
     Parameters
     ----------
     name : str
-        One of :func:`names`: sleepstudy, dyestuff, penicillin, pastes, insteval.
+        One of :func:`names`: sleepstudy, dyestuff, penicillin, pastes, insteval, students.
     """
     key = name.lower()
     if key not in _FACTORS:

@@ -1,0 +1,240 @@
+"""Bad input gives a clear error naming the culprit; the input frame is never modified;
+missing values drop only the rows they spoil."""
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmmfast
+from lmmfast import (DataError, FormulaError, LinearMixedModel, LmmError, MissingColumnError,
+                     RankDeficiencyWarning)
+from helpers import load_csv
+
+
+@pytest.fixture
+def df():
+    rng = np.random.default_rng(1)
+    n = 48
+    g = np.repeat(np.arange(6), 8)
+    out = pd.DataFrame({
+        "g": [f"G{i}" for i in g],
+        "h": rng.choice(["u", "v", "w"], n),
+        "x": rng.normal(size=n),
+        "z": rng.uniform(size=n),
+        "s": rng.choice(["p", "q"], n),
+        "id": [f"obs{i}" for i in range(n)],
+    })
+    out["y"] = 2.0 + out["x"] + rng.normal(size=6)[g] + rng.normal(scale=0.5, size=n)
+    return out
+
+
+def _raises(exc, formula, data, *words, **kw):
+    with pytest.raises(exc) as ei:
+        LinearMixedModel(formula, data, **kw)
+    msg = str(ei.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in the message {msg!r}"
+    assert isinstance(ei.value, ValueError), "every input error is a ValueError"
+    return ei.value
+
+
+# ----------------------------------------------------------------------- unknown columns
+@pytest.mark.parametrize("formula,where", [
+    ("y ~ x + nope + (1 | g)", "fixed"),
+    ("y ~ x + (1 + nope | g)", "(1 + nope | g)"),
+    ("y ~ x + (1 | nope)", "(1 | nope)"),
+    ("y ~ x + (1 | g:nope)", "nope"),
+    ("y ~ x + (1 | nope/g)", "nope"),
+    ("nope ~ x + (1 | g)", "response"),
+])
+def test_unknown_column(df, formula, where):
+    err = _raises(MissingColumnError, formula, df, "'nope'", where)
+    assert isinstance(err, KeyError) and isinstance(err, LmmError)
+    # the message stays readable (no KeyError quoting)
+    assert not str(err).startswith('"')
+
+
+# ---------------------------------------------------------------------------- response
+def test_non_numeric_response(df):
+    _raises(DataError, "s ~ x + (1 | g)", df, "'s'", "numeric")
+
+
+def test_constant_response(df):
+    _raises(DataError, "c ~ x + (1 | g)", df.assign(c=3.5), "'c'", "constant")
+
+
+def test_all_missing_response(df):
+    _raises(DataError, "m ~ x + (1 | g)", df.assign(m=np.nan), "no rows left", "m")
+
+
+def test_infinite_response(df):
+    y = df["y"].to_numpy().copy()
+    y[3] = np.inf
+    _raises(DataError, "y ~ x + (1 | g)", df.assign(y=y), "'y'", "infinite")
+
+
+def test_no_rows_left_after_dropping_missing(df):
+    d = df.copy()
+    d.loc[::2, "x"] = np.nan
+    d.loc[1::2, "z"] = np.nan
+    _raises(DataError, "y ~ x + z + (1 | g)", d, "no rows left")
+
+
+# ------------------------------------------------------------------- grouping factors
+def test_grouping_factor_with_one_level(df):
+    _raises(DataError, "y ~ x + (1 | one)", df.assign(one="only"), "'one'", "1 level")
+
+
+def test_grouping_factor_with_a_level_per_observation(df):
+    _raises(DataError, "y ~ x + (1 | id)", df, "'id'", "48 levels")
+
+
+def test_too_many_random_effects_for_the_observations(df):
+    d = df.assign(half=[f"k{i // 2}" for i in range(len(df))])      # 24 levels, 2 obs each
+    _raises(DataError, "y ~ x + (1 + x + z | half)", d, "half")
+
+
+# ------------------------------------------------------------------------------ formulas
+@pytest.mark.parametrize("formula,words", [
+    ("y ~ x + (1 | g", ["unbalanced", "not closed"]),
+    ("y ~ x + 1 | g)", ["unbalanced"]),
+    ("y ~ x + ((1 | g)", ["unbalanced"]),
+    ("y ~ x + (| g)", ["nothing before the bar"]),
+    ("y ~ x + (1 |)", ["no grouping factor"]),
+    ("y ~ x + (1 || )", ["no grouping factor"]),
+    ("y ~ x", ["no random-effects term"]),
+    ("y ~ x + (1 | g/)", ["empty grouping factor"]),
+    ("y + (1 | g)", ["response ~ terms"]),
+    ("y ~ ", ["nothing to the right"]),
+    ("y ~ x + (1 | g | h)", ["more than one bar"]),
+])
+def test_bad_formula(df, formula, words):
+    _raises(FormulaError, formula, df, *words)
+
+
+def test_bad_fixed_syntax(df):
+    _raises(FormulaError, "y ~ x + * z + (1 | g)", df)
+
+
+# ----------------------------------------------------------------------------- fit args
+def test_bad_fit_arguments(df):
+    m = LinearMixedModel("y ~ x + (1 | g)", df)
+    with pytest.raises(ValueError, match="optimizer"):
+        m.fit(optimizer="no-such-optimizer")
+    with pytest.raises(ValueError, match="length"):
+        m.fit(start=[1.0, 2.0])
+    with pytest.raises(ValueError, match="bound"):
+        m.fit(start=[-1.0])
+
+
+# --------------------------------------------------------------------- rank deficiency
+def test_rank_deficient_fixed_effects_drop_the_aliased_column(df):
+    d = df.assign(x2=2.0 * df["x"] - 1.0)
+    with pytest.warns(RankDeficiencyWarning, match="x2"):
+        fit = lmmfast.lmer("y ~ x + x2 + (1 | g)", d)
+    assert list(fit.fixef.index) == ["(Intercept)", "x"]
+    assert fit.model.dropped == ["x2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RankDeficiencyWarning)
+        ref = lmmfast.lmer("y ~ x + (1 | g)", df)
+    assert fit.objective == pytest.approx(ref.objective, rel=1e-10)
+    np.testing.assert_allclose(fit.theta, ref.theta, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(fit.fixef.to_numpy(), ref.fixef.to_numpy(), rtol=1e-6, atol=1e-8)
+    assert fit.sigma == pytest.approx(ref.sigma, rel=1e-8)
+    np.testing.assert_allclose(fit.vcov.to_numpy(), ref.vcov.to_numpy(), rtol=1e-6)
+    assert fit.df == ref.df and fit.aic == pytest.approx(ref.aic, rel=1e-10)
+    np.testing.assert_allclose(fit.predict(d), ref.predict(df), rtol=1e-8, atol=1e-10)
+
+
+def test_rank_deficient_factor_cells(df):
+    """An empty cell of an interaction is dropped with a warning naming it (as lme4 does)."""
+    d = df.copy()
+    d.loc[(d["s"] == "q") & (d["h"] == "w"), "h"] = "v"          # no (q, w) cell left
+    with pytest.warns(RankDeficiencyWarning, match=re.escape("sq:hw")):
+        m = LinearMixedModel("y ~ s * h + (1 | g)", d)
+    assert "sq:hw" not in m.xnames
+    assert np.linalg.matrix_rank(m.X) == m.X.shape[1]
+
+
+# ---------------------------------------------------------------- the input is untouched
+def _assorted_frame(df):
+    d = df.copy()
+    d["cat"] = pd.Categorical(d["h"], categories=["w", "v", "u", "unused"])
+    d["i"] = np.arange(len(d)) % 4
+    d["b"] = d["x"] > 0
+    d.loc[2, "x"] = np.nan
+    d.loc[5, "g"] = None
+    d["extra"] = np.nan
+    d.index = np.arange(len(d))[::-1] * 3          # not a default RangeIndex
+    return d
+
+
+@pytest.mark.filterwarnings("ignore::lmmfast.RankDeficiencyWarning")
+@pytest.mark.parametrize("formula", [
+    "y ~ x + (1 | g)",
+    "y ~ x * cat + i + (1 + x | g)",
+    "y ~ b + C(i) + (1 | g) + (1 | cat)",
+    "np.log(z) ~ x + (x || g)",
+])
+def test_input_frame_is_not_modified(df, formula):
+    d = _assorted_frame(df)
+    before = d.copy(deep=True)
+    fit = lmmfast.lmer(formula, d)
+    pd.testing.assert_frame_equal(d, before, check_dtype=True, check_index_type=True,
+                                  check_column_type=True, check_categorical=True, check_exact=True)
+    fit.predict(d)
+    _ = fit.summary(), fit.ranef, fit.ranef_sd, fit.varcorr
+    pd.testing.assert_frame_equal(d, before, check_exact=True)
+
+
+# --------------------------------------------------------------------------- missingness
+def test_rows_with_missing_used_values_are_dropped(df):
+    d = df.copy()
+    d.loc[[0, 7], "x"] = np.nan          # fixed effect
+    d.loc[11, "g"] = None                # grouping factor
+    d.loc[20, "y"] = np.nan              # response
+    d["unused"] = np.nan                 # a column the model does not use: drops nothing
+    d.loc[30, "z"] = np.nan              # ditto
+    fit = lmmfast.lmer("y ~ x + (1 | g)", d)
+    assert fit.nobs == len(d) - 4
+    assert fit.n_dropped == 4
+    assert "4 observations deleted due to missingness" in fit.summary()
+    complete = d.drop(index=[0, 7, 11, 20]).drop(columns=["unused"])
+    ref = lmmfast.lmer("y ~ x + (1 | g)", complete)
+    assert ref.n_dropped == 0
+    assert fit.objective == pytest.approx(ref.objective, rel=1e-12)
+    np.testing.assert_allclose(fit.fitted, ref.fitted, rtol=1e-10)
+    assert "deleted" not in ref.summary()
+
+
+def test_missing_values_in_unused_columns_drop_no_rows(df):
+    d = df.assign(unused=np.nan, also=None)
+    fit = lmmfast.lmer("y ~ x + (1 | g)", d)
+    assert fit.nobs == len(d) and fit.n_dropped == 0
+    ref = lmmfast.lmer("y ~ x + (1 | g)", df)
+    assert fit.objective == ref.objective
+
+
+def test_missing_in_random_slope_drops_the_row(df):
+    d = df.copy()
+    d.loc[4, "z"] = np.nan
+    fit = lmmfast.lmer("y ~ x + (0 + z | g)", d)
+    assert fit.nobs == len(d) - 1 and fit.n_dropped == 1
+
+
+def test_one_dropped_row_is_singular_in_summary(df):
+    d = df.copy()
+    d.loc[4, "x"] = np.nan
+    fit = lmmfast.lmer("y ~ x + (1 | g)", d)
+    assert "1 observation deleted due to missingness" in fit.summary()
+
+
+def test_na_in_real_data():
+    d = load_csv("sleepstudy.csv", ["Subject"])
+    d.loc[[3, 50, 51], "Reaction"] = np.nan
+    fit = lmmfast.lmer("Reaction ~ Days + (Days | Subject)", d)
+    assert fit.nobs == 177 and fit.n_dropped == 3

@@ -1,0 +1,287 @@
+"""The compiled blocked Cholesky kernel (``lmmfast._pls``) against dense linear algebra.
+
+Random block structures (hypothesis): a first term with m1 levels and k1 = 1..3 columns,
+0..2 further terms with k = 1..3 columns and a few levels (sometimes on the first term's
+own grouping factor, as ``||`` produces), p = 0..3 fixed effects.  The blocked factor
+(L11 blocks, L21 panels, tril(L22)) is assembled into one lower-triangular matrix in the
+full order [term 1 (level-major), other terms, X, y] and compared with
+``numpy.linalg.cholesky`` of the dense Ω(θ) from ``pls.dense_factor``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmmfast import LinearMixedModel, _pls
+from lmmfast.blocks import BlockedCrossprod
+from lmmfast.pls import BlockedPLS, dense_factor, dense_lambda, dense_objective
+from helpers import dense_parts, random_theta
+
+HSETTINGS = settings(max_examples=50, deadline=None, database=None,
+                     suppress_health_check=[HealthCheck.too_slow])
+
+
+# ------------------------------------------------------------------------- structures
+@st.composite
+def structures(draw):
+    """A random mixed model: data frame, formula, θ."""
+    # sampled_from spreads the examples more evenly over the shapes than integers() does
+    k1 = draw(st.sampled_from([1, 2, 3]))
+    m1 = draw(st.integers(2, 7))
+    rest = []
+    for _ in range(draw(st.sampled_from([0, 1, 2, 2]))):
+        k = draw(st.sampled_from([1, 2, 3]))
+        same_factor = draw(st.booleans()) and draw(st.booleans())     # ~1/4: share g0
+        m = m1 if same_factor else draw(st.integers(2, 4))
+        rest.append((k, m, same_factor, draw(st.booleans())))
+    p = draw(st.sampled_from([0, 1, 2, 3]))
+    intercept1 = draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    zero_prob = draw(st.sampled_from([0.0, 0.0, 0.3]))
+    extra = draw(st.integers(0, 25))
+    reml = draw(st.booleans())
+
+    rng = np.random.default_rng(seed)
+    q_max = max([m1 * k1] + [m * k for k, m, _, _ in rest])
+    n = max(q_max, m1, p + 1) + 2 + extra
+
+    def codes(m):
+        c = np.concatenate([np.arange(m), rng.integers(0, m, n - m)])
+        return rng.permutation(c)
+
+    def lhs(k, intercept):
+        slopes = [f"x{i}" for i in range(1, k + (0 if intercept else 1))]
+        return " + ".join((["1"] if intercept else ["0"]) + slopes)
+
+    df = pd.DataFrame({f"x{i}": rng.normal(size=n) for i in range(1, 4)})
+    df["g0"] = [f"a{c}" for c in codes(m1)]
+    bars = [f"({lhs(k1, intercept1)} | g0)"]
+    for i, (k, m, same, icpt) in enumerate(rest, start=1):
+        if same:
+            bars.append(f"({lhs(k, icpt)} | g0)")
+        else:
+            df[f"g{i}"] = [f"b{c}" for c in codes(m)]
+            bars.append(f"({lhs(k, icpt)} | g{i})")
+    for j in range(1, 4):
+        df[f"f{j}"] = rng.uniform(-2, 2, size=n)
+    fixed = "0" if p == 0 else " + ".join(["1"] + [f"f{j}" for j in range(1, p)])
+    df["y"] = rng.normal(size=n) * 2 + df["x1"]
+    formula = f"y ~ {fixed} + " + " + ".join(bars)
+    model = LinearMixedModel(formula, df, REML=reml)
+    theta = random_theta(model, rng, zero_prob=zero_prob)
+    return model, theta
+
+
+def blocked(model):
+    """A BlockedPLS for the model's terms (whatever factorization the model picked)."""
+    if isinstance(model.pls, BlockedPLS):
+        return model.pls
+    return BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets))
+
+
+def row_descriptors(model, theta, D):
+    """rscale, rk, rtoff, Tflat for the dense block, built here from the terms (not from
+    BlockedCrossprod): a k=1 term scales its rows by θ, a k>1 term transforms each level's
+    k rows by its row-major T."""
+    rscale = np.ones(D)
+    rk = np.ones(D, dtype=np.int64)
+    rtoff = np.zeros(D, dtype=np.int64)
+    tflat = []
+    o = 0
+    for t, off in zip(model.terms[1:], model.theta_offsets[1:]):
+        T = t.T(theta[off: off + t.ntheta])
+        if t.k == 1:
+            rscale[o: o + t.q] = T[0, 0]
+        else:
+            start = len(tflat)
+            tflat.extend(T.ravel())
+            rk[o: o + t.q] = 0
+            rk[o: o + t.q: t.k] = t.k
+            rtoff[o: o + t.q: t.k] = start
+        o += t.q
+    return rscale, rk, rtoff, np.asarray(tflat if tflat else [0.0])
+
+
+def run_kernel(model, theta):
+    """Call update_blocked directly; returns (info, L11, L21, L22, xp)."""
+    xp = blocked(model).xp
+    t1 = model.terms[0]
+    T1 = np.ascontiguousarray(t1.T(theta[: t1.ntheta]))
+    rscale, rk, rtoff, tflat = row_descriptors(model, theta, xp.D)
+    L11 = np.zeros_like(xp.A11)
+    L21 = np.zeros_like(xp.A21)
+    L22 = np.zeros_like(xp.A22)
+    info = _pls.update_blocked(xp.A11, T1, xp.indptr, xp.rows, xp.A21, xp.A22, xp.nz,
+                               rscale, rk, rtoff, tflat, L11, L21, L22)
+    return info, L11, L21, L22, xp
+
+
+def assemble(L11, L21, L22, xp):
+    """The full lower-triangular factor from its blocked pieces."""
+    m1, k1, _ = L11.shape
+    q1 = m1 * k1
+    N = q1 + xp.D
+    L = np.zeros((N, N))
+    for j in range(m1):
+        L[j * k1:(j + 1) * k1, j * k1:(j + 1) * k1] = L11[j]
+        p0, p1 = xp.indptr[j], xp.indptr[j + 1]
+        L[q1 + xp.rows[p0:p1], j * k1:(j + 1) * k1] = L21[p0:p1]
+    L[q1:, q1:] = np.tril(L22)            # the strict upper triangle of L22 is scratch
+    return L
+
+
+def dense_L(model, theta):
+    Z, X, y = dense_parts(model)
+    Lam = dense_lambda(model.terms, theta, model.theta_offsets)
+    return dense_factor(Z, X, y, Lam)
+
+
+# ------------------------------------------------------------------------------ tests
+def check_factor(mt):
+    model, theta = mt
+    info, L11, L21, L22, xp = run_kernel(model, theta)
+    assert info == 0
+    L = assemble(L11, L21, L22, xp)
+    Ld = dense_L(model, theta)
+    assert L.shape == Ld.shape
+    scale = max(1.0, np.abs(Ld).max())
+    np.testing.assert_allclose(L, Ld, rtol=1e-9, atol=1e-10 * scale)
+    # the pieces reproduce Ω: L L' == Ω
+    Om = Ld @ Ld.T
+    np.testing.assert_allclose(L @ L.T, Om, rtol=1e-9, atol=1e-9 * np.abs(Om).max())
+
+
+@HSETTINGS
+@given(structures())
+def test_blocked_factor_equals_dense_cholesky(mt):
+    check_factor(mt)
+
+
+@pytest.mark.slow
+@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(structures())
+def test_blocked_factor_equals_dense_cholesky_many(mt):
+    """The same comparison over many more structures (``pytest -m slow``)."""
+    check_factor(mt)
+
+
+@HSETTINGS
+@given(structures())
+def test_logdets_equal_dense_diagonal(mt):
+    model, theta = mt
+    info, L11, L21, L22, xp = run_kernel(model, theta)
+    assert info == 0
+    ldz, ldx, r2 = _pls.logdets(L11, L22, xp.nz)
+    d = np.diag(dense_L(model, theta))
+    q, p = sum(t.q for t in model.terms), model.p
+    assert ldz == pytest.approx(2 * np.log(d[:q]).sum(), rel=1e-9, abs=1e-9)
+    assert ldx == pytest.approx(2 * np.log(d[q:q + p]).sum(), rel=1e-9, abs=1e-9)
+    assert r2 == pytest.approx(d[-1] ** 2, rel=1e-9)
+    assert len(d) == q + p + 1
+
+
+@HSETTINGS
+@given(structures())
+def test_blocked_pls_factor_and_objective(mt):
+    """BlockedPLS.factor (θ → kernel arguments via BlockedCrossprod's index maps) gives the
+    same factor as the directly built arguments; its objective is the dense one."""
+    model, theta = mt
+    pls = blocked(model)
+    assert pls.factor(theta) == 0
+    _, L11, L21, L22, xp = run_kernel(model, theta)
+    np.testing.assert_allclose(pls.L11, L11, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(pls.L21, L21, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(np.tril(pls.L22), np.tril(L22), rtol=1e-13, atol=1e-13)
+    Z, X, y = dense_parts(model)
+    Lam = dense_lambda(model.terms, theta, model.theta_offsets)
+    want = dense_objective(Z, X, y, Lam, model.REML)
+    assert pls.objective(theta, model.REML) == pytest.approx(want, rel=1e-9, abs=1e-9)
+    assert model.objective(theta) == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+# ------------------------------------------------------------------ the def's validation
+def _valid_args():
+    rng = np.random.default_rng(0)
+    n = 40
+    df = pd.DataFrame({"g": [f"l{i % 5}" for i in range(n)], "h": [f"m{i % 3}" for i in range(n)],
+                       "x": rng.normal(size=n), "y": rng.normal(size=n)})
+    model = LinearMixedModel("y ~ x + (1 + x | g) + (1 + x | h)", df)
+    theta = random_theta(model, rng)
+    xp = blocked(model).xp
+    t1 = model.terms[0]
+    rscale, rk, rtoff, tflat = row_descriptors(model, theta, xp.D)
+    args = dict(A11=xp.A11, T1=np.ascontiguousarray(t1.T(theta[: t1.ntheta])), indptr=xp.indptr,
+                rows=xp.rows, A21=xp.A21, A22=xp.A22, nz=xp.nz, rscale=rscale, rk=rk, rtoff=rtoff,
+                Tflat=tflat, L11_out=np.zeros_like(xp.A11), L21_out=np.zeros_like(xp.A21),
+                L22_out=np.zeros_like(xp.A22))
+    return args
+
+
+ORDER = ["A11", "T1", "indptr", "rows", "A21", "A22", "nz", "rscale", "rk", "rtoff", "Tflat",
+         "L11_out", "L21_out", "L22_out"]
+
+
+def _call(args):
+    return _pls.update_blocked(*[args[k] for k in ORDER])
+
+
+def test_valid_arguments_succeed():
+    assert _call(_valid_args()) == 0
+
+
+BAD = [  # (test id, argument, replacement built from the valid arguments)
+    ("A11_blocks_not_square", "A11", lambda a: np.zeros((a["A11"].shape[0], 2, 3))),
+    ("T1_wrong_size", "T1", lambda a: np.eye(3)),
+    ("indptr_too_short", "indptr", lambda a: np.ascontiguousarray(a["indptr"][:-1])),
+    ("indptr_not_from_zero", "indptr", lambda a: a["indptr"] + 1),
+    ("indptr_int32", "indptr", lambda a: a["indptr"].astype(np.int32)),
+    ("rows_length", "rows", lambda a: np.ascontiguousarray(a["rows"][:-1])),
+    ("A21_columns", "A21", lambda a: np.zeros((a["A21"].shape[0], 3))),
+    ("A22_not_square", "A22", lambda a: np.zeros((a["A22"].shape[0], a["A22"].shape[0] + 1))),
+    ("A22_not_contiguous", "A22", lambda a: a["A22"][:, ::-1]),
+    ("nz_equals_D", "nz", lambda a: a["A22"].shape[0]),
+    ("nz_negative", "nz", lambda a: -1),
+    ("rscale_length", "rscale", lambda a: np.ones(a["rscale"].size + 1)),
+    ("rk_length", "rk", lambda a: np.ones(a["rk"].size - 1, dtype=np.int64)),
+    ("rtoff_length", "rtoff", lambda a: np.zeros(a["rtoff"].size + 2, dtype=np.int64)),
+    ("L11_out_shape", "L11_out", lambda a: np.zeros((a["A11"].shape[0] + 1, 2, 2))),
+    ("L21_out_shape", "L21_out", lambda a: np.zeros((a["A21"].shape[0] + 1, 2))),
+    ("L22_out_shape", "L22_out", lambda a: np.zeros((a["A22"].shape[0] - 1, a["A22"].shape[0] - 1))),
+]
+
+
+@pytest.mark.parametrize("key,make", [pytest.param(k, f, id=i) for i, k, f in BAD])
+def test_wrapper_rejects_mismatched_arguments(key, make):
+    args = _valid_args()
+    args[key] = make(args)
+    with pytest.raises(ValueError):
+        _call(args)
+
+
+def test_kernel_reports_failed_diagonal_block():
+    args = _valid_args()
+    args["A11"] = -10.0 * np.broadcast_to(np.eye(2), args["A11"].shape).copy()
+    args["T1"] = np.eye(2)
+    assert _call(args) == -1
+
+
+def test_kernel_reports_failed_dense_block():
+    args = _valid_args()
+    A22 = args["A22"].copy()
+    A22[-1, -1] = -1e6                      # y'y negative: Ω is not positive definite
+    args["A22"] = A22
+    assert _call(args) > 0
+
+
+def test_objective_is_inf_when_factor_fails():
+    rng = np.random.default_rng(5)
+    n = 30
+    df = pd.DataFrame({"g": [f"l{i % 5}" for i in range(n)], "x": rng.normal(size=n),
+                       "y": rng.normal(size=n)})
+    model = LinearMixedModel("y ~ x + (1 | g)", df)
+    pls = blocked(model)
+    pls.xp.A11 = -10.0 * np.ones_like(pls.xp.A11)     # a corrupted copy: Z'Z negative
+    assert pls.objective(np.array([1.0]), True) == np.inf
