@@ -136,15 +136,22 @@ cdef int update_blocked_core(
     cdef char uplo = b'U'
 
     # ---- L22 <- Λr' A22 Λr  (+ I on the random-effects rows)
+    cdef bint groups = False
+    for r in range(D):
+        if rk[r] != 1:
+            groups = True
+            break
     for r in range(D):
         s = rscale[r]
-        for c in range(D):
+        # without k-row groups only the lower triangle is needed (dpotrf reads no more)
+        for c in range(D if groups else r + 1):
             L22[r * D + c] = A22[r * D + c] * s * rscale[c]
-    for r in range(D):
-        kk = rk[r]
-        if kk > 1:
-            rows_tmul(L22 + r * D, D, D, Tflat + rtoff[r], kk)
-            cols_mul(L22 + r, D, D, Tflat + rtoff[r], kk)
+    if groups:
+        for r in range(D):
+            kk = rk[r]
+            if kk > 1:
+                rows_tmul(L22 + r * D, D, D, Tflat + rtoff[r], kk)
+                cols_mul(L22 + r, D, D, Tflat + rtoff[r], kk)
     for r in range(nz):
         L22[r * D + r] += 1.0
 

@@ -197,12 +197,13 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=1e-5, ftol=1e-15, maxeval=100000,
                     -1: str(r.message)}, t0)
 
 
-def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=0.0,
+def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-12,
                     maxeval=100000, initial_step=None, verbose=False, callback=None):
     """Minimise ``fn`` over θ with nlopt's BOBYQA under lme4's bounds and tolerances.
 
     lme4's default ``lmer`` optimizer is ``nloptwrap`` (NLOPT_LN_BOBYQA, ``xtol_abs = 1e-8``,
-    ``ftol_abs = 1e-8``).  After the optimizer stops, components that end within 1e-5 of
+    ``ftol_abs = 1e-8``); here ``ftol_rel = 1e-12`` is added, which stops the last steps
+    that only chase rounding noise on large objectives (relative changes below 1e-12).  After the optimizer stops, components that end within 1e-5 of
     their bound of 0 are tried at the bound (lme4's ``check.boundary``), kept when the
     objective is not worse.
 
