@@ -381,6 +381,7 @@ def run_rung(rung: Rung, workdir: Path, r_script, have_sm: bool, env: dict, args
             record["error"] = f"n/a: {tool} cannot express this model (not run)"
         else:
             print(f"[{rung.name}] {tool} ...", end=" ", file=sys.stderr, flush=True)
+            record["load_before"] = load_average()
             try:
                 record.update(run_child(cmd, env))
                 record["time"] = statistics.median(record["wall"])
@@ -404,6 +405,11 @@ def add_ratios(records: list) -> None:
 
 
 # ---------------------------------------------------------------------------------- report
+def load_average() -> Optional[float]:
+    """The 1-minute load average, or None where the platform has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def cpu_model() -> str:
     """CPU model name from ``/proc/cpuinfo`` (or ``platform.processor()``)."""
     try:
@@ -531,7 +537,7 @@ def format_footer(meta: dict, records: list) -> str:
     threads = meta["openblas_threads"]
     lines.append(f"OPENBLAS_NUM_THREADS={threads if threads is not None else 'unset'} (both sides); "
                  f"--repeat {meta['repeat']}, --budget {meta['budget']} s, --warmup {meta['warmup']}")
-    lines.extend(format_notes(records))
+    lines.extend(format_notes(records, m["usable_cores"]))
     return "\n".join(lines)
 
 
@@ -540,11 +546,22 @@ def fmt_load(load) -> str:
     return "n/a" if load is None else "/".join(f"{x:.2f}" for x in load)
 
 
-def format_notes(records: list) -> list:
-    """Warnings, non-convergence and errors per fit, as footnote lines."""
+def format_notes(records: list, cores: int) -> list:
+    """Warnings, non-convergence, errors and a busy machine per fit, as footnote lines.
+
+    Parameters
+    ----------
+    records : list of dict
+    cores : int
+        Usable cores: a 1-minute load average above this before a fit flags its timing.
+    """
     notes = []
     for r in records:
         what = list(r.get("messages") or [])
+        load = r.get("load_before")
+        if "time" in r and load is not None and load > cores:
+            what.append(f"1-min load average {load:.2f} > {cores} cores before this run: "
+                        "the machine was busy, timing unreliable")
         if "time" in r and not r.get("converged", True):
             what.insert(0, "optimizer reports non-convergence")
         if "error" in r:
