@@ -78,6 +78,23 @@ cdef void cols_mul(double* m, Py_ssize_t ld, Py_ssize_t nrow, const double* T,
             m[r * ld + a] = s
 
 
+cdef void lam_rows(double* v, Py_ssize_t nr, Py_ssize_t k1, const cnp.int64_t* rows,
+                   const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
+                   const double* Tflat) noexcept nogil:
+    """Panel rows <- Λ_rest' panel rows (scalar scaling or k-row groups times T')."""
+    cdef Py_ssize_t t, c, r, kk
+    cdef double s
+    for t in range(nr):
+        r = rows[t]
+        kk = rk[r]
+        if kk == 1:
+            s = rscale[r]
+            for c in range(k1):
+                v[t * k1 + c] *= s
+        elif kk > 1:
+            rows_tmul(v + t * k1, k1, k1, Tflat + rtoff[r], kk)
+
+
 # Panels with more entries than this use BLAS (dsyrk / dgemm) on a gathered buffer.
 DEF BLAS_MIN = 256
 # Largest panel (rows) gathered into a buffer; bigger panels use the plain loops.
@@ -174,15 +191,7 @@ cdef int update_blocked_core(
         for a in range(nr * k1):
             v[a] = A21[p0 * k1 + a]
         cols_mul(v, k1, nr, T1, k1)
-        for t in range(nr):
-            r = rows[p0 + t]
-            kk = rk[r]
-            if kk == 1:
-                s = rscale[r]
-                for c in range(k1):
-                    v[t * k1 + c] *= s
-            elif kk > 1:
-                rows_tmul(v + t * k1, k1, k1, Tflat + rtoff[r], kk)
+        lam_rows(v, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
         # forward solve X L11[j]' = V, row by row
         for t in range(nr):
             for c in range(k1):
@@ -289,23 +298,6 @@ def logdets(const double[:, :, ::1] L11, const double[:, ::1] L22, Py_ssize_t nz
             ldx += log(L22[a, a])
         r = L22[D - 1, D - 1]
     return 2.0 * ldz, 2.0 * ldx, r * r
-
-
-cdef void lam_rows(double* v, Py_ssize_t nr, Py_ssize_t k1, const cnp.int64_t* rows,
-                   const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
-                   const double* Tflat) noexcept nogil:
-    """Panel rows <- Λ_rest' panel rows (scalar scaling or k-row groups times T')."""
-    cdef Py_ssize_t t, c, r, kk
-    cdef double s
-    for t in range(nr):
-        r = rows[t]
-        kk = rk[r]
-        if kk == 1:
-            s = rscale[r]
-            for c in range(k1):
-                v[t * k1 + c] *= s
-        elif kk > 1:
-            rows_tmul(v + t * k1, k1, k1, Tflat + rtoff[r], kk)
 
 
 cdef int grad_block1_core(
