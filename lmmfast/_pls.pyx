@@ -142,9 +142,12 @@ cdef int update_blocked_core(
         const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
         const double* A22, Py_ssize_t D, Py_ssize_t nz,
         const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
-        const double* Tflat,
-        double* L11, double* L21, double* L22, double* buf) noexcept nogil:
-    cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr
+        const double* Tflat, const cnp.int64_t* batch, Py_ssize_t nbatch,
+        double* L11, double* L21, double* L22, double* buf, double* wbuf) noexcept nogil:
+    cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K
+    cdef int k_i, ld_i
+    cdef char tr = b'T'
+    cdef double one = 1.0, mone = -1.0
     cdef double s
     cdef double* blk
     cdef double* v
@@ -172,35 +175,53 @@ cdef int update_blocked_core(
     for r in range(nz):
         L22[r * D + r] += 1.0
 
-    for j in range(m1):
-        # ---- L11[j] = chol(T1' A11[j] T1 + I)
-        blk = L11 + j * k1 * k1
-        for a in range(k1 * k1):
-            blk[a] = A11[j * k1 * k1 + a]
-        rows_tmul(blk, k1, k1, T1, k1)
-        cols_mul(blk, k1, k1, T1, k1)
-        for a in range(k1):
-            blk[a * k1 + a] += 1.0
-        if chol_small(blk, k1) != 0:
-            return -1
-        # ---- L21 panel: (Λr' A21_j Λ1) L11[j]^{-T}
-        p0 = indptr[j]
-        p1 = indptr[j + 1]
-        nr = p1 - p0
-        v = L21 + p0 * k1
-        for a in range(nr * k1):
-            v[a] = A21[p0 * k1 + a]
-        cols_mul(v, k1, nr, T1, k1)
-        lam_rows(v, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
-        # forward solve X L11[j]' = V, row by row
-        for t in range(nr):
-            for c in range(k1):
-                s = v[t * k1 + c]
-                for b in range(c):
-                    s -= v[t * k1 + b] * blk[c * k1 + b]
-                v[t * k1 + c] = s / blk[c * k1 + c]
-        # ---- L22 -= V V' (lower triangle; rows are ascending)
-        downdate(L22, D, rows + p0, v, nr, k1, buf)
+    for bi in range(nbatch):
+        j0 = batch[bi]
+        j1 = batch[bi + 1]
+        for j in range(j0, j1):
+            # ---- L11[j] = chol(T1' A11[j] T1 + I)
+            blk = L11 + j * k1 * k1
+            for a in range(k1 * k1):
+                blk[a] = A11[j * k1 * k1 + a]
+            rows_tmul(blk, k1, k1, T1, k1)
+            cols_mul(blk, k1, k1, T1, k1)
+            for a in range(k1):
+                blk[a * k1 + a] += 1.0
+            if chol_small(blk, k1) != 0:
+                return -1
+            # ---- L21 panel: (Λr' A21_j Λ1) L11[j]^{-T}
+            p0 = indptr[j]
+            nr = indptr[j + 1] - p0
+            v = L21 + p0 * k1
+            for a in range(nr * k1):
+                v[a] = A21[p0 * k1 + a]
+            cols_mul(v, k1, nr, T1, k1)
+            lam_rows(v, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
+            # forward solve X L11[j]' = V, row by row
+            for t in range(nr):
+                for c in range(k1):
+                    s = v[t * k1 + c]
+                    for b in range(c):
+                        s -= v[t * k1 + b] * blk[c * k1 + b]
+                    v[t * k1 + c] = s / blk[c * k1 + c]
+            if j1 - j0 == 1:
+                # ---- L22 -= V V' (lower triangle; rows are ascending)
+                downdate(L22, D, rows + p0, v, nr, k1, buf)
+        if j1 - j0 > 1:
+            # levels j0..j1 share one contiguous run of rows: one rank-K update, K = k1 (j1-j0)
+            p0 = indptr[j0]
+            nr = indptr[j0 + 1] - p0
+            K = k1 * (j1 - j0)
+            for j in range(j0, j1):
+                v = L21 + indptr[j] * k1
+                for t in range(nr):
+                    for c in range(k1):
+                        wbuf[(j - j0) * k1 + c + t * K] = v[t * k1 + c]
+            n_i = <int>nr
+            k_i = <int>K
+            ld_i = <int>D
+            dsyrk(&uplo, &tr, &n_i, &k_i, &mone, wbuf, &k_i, &one,
+                  L22 + rows[p0] * D + rows[p0], &ld_i)
 
     # ---- dense Cholesky of L22 (row-major lower == column-major upper)
     n_i = <int>D
@@ -224,7 +245,8 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                    const double[:, ::1] A21, const double[:, ::1] A22, Py_ssize_t nz,
                    const double[::1] rscale, const cnp.int64_t[::1] rk,
                    const cnp.int64_t[::1] rtoff, const double[::1] Tflat,
-                   double[:, :, ::1] L11_out, double[:, ::1] L21_out, double[:, ::1] L22_out):
+                   double[:, :, ::1] L11_out, double[:, ::1] L21_out, double[:, ::1] L22_out,
+                   const cnp.int64_t[::1] batch=None):
     """Factor Ω(θ) = L L' in the blocked layout (see the module docstring).
 
     Parameters
@@ -246,13 +268,17 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
         ``rk[r] = k > 1`` (then ``rscale[r]`` must be 1), and lies inside a group when 0.
     L11_out, L21_out, L22_out : arrays
         Written with the factor; L22_out's strict upper triangle is scratch.
+    batch : int64 array, optional
+        Level boundaries ``0 = b_0 < ... < b_B = m1``; the levels of a batch with more
+        than one level must share one contiguous run of rows (see
+        ``blocks.BlockedCrossprod.batch``), and their downdates go in one rank-k update.
 
     Returns
     -------
     info : int
         0 on success, -1 if a diagonal block failed, >0 LAPACK's dpotrf info.
     """
-    cdef Py_ssize_t m1 = A11.shape[0], k1 = A11.shape[1], D = A22.shape[0]
+    cdef Py_ssize_t m1 = A11.shape[0], k1 = A11.shape[1], D = A22.shape[0], j
     if A11.shape[2] != k1 or T1.shape[0] != k1 or T1.shape[1] != k1:
         raise ValueError("A11 must be (m1, k, k) and T1 (k, k)")
     if indptr.shape[0] != m1 + 1 or A21.shape[0] != rows.shape[0] or (A21.shape[1] != k1 and rows.shape[0] > 0):
@@ -276,11 +302,29 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
     cdef Py_ssize_t nrmax = _max_panel(indptr)
     buf = np.empty(min(nrmax, GATHER_MAX) ** 2 if nrmax * k1 >= BLAS_MIN else 1)
     cdef double[::1] bufv = buf
+    if batch is None:
+        batch = np.arange(m1 + 1, dtype=np.int64)
+    cdef Py_ssize_t nbatch = batch.shape[0] - 1, bi, wmax = 1
+    if nbatch < 0 or batch[0] != 0 or batch[nbatch] != m1:
+        raise ValueError("batch must run from 0 to m1")
+    for bi in range(nbatch):
+        if batch[bi + 1] <= batch[bi]:
+            raise ValueError("batch must increase")
+        if batch[bi + 1] - batch[bi] > 1:
+            for j in range(batch[bi], batch[bi + 1]):
+                if (indptr[j + 1] - indptr[j] != indptr[batch[bi] + 1] - indptr[batch[bi]]
+                        or rows[indptr[j]] != rows[indptr[batch[bi]]]
+                        or rows[indptr[j + 1] - 1] - rows[indptr[j]] != indptr[j + 1] - indptr[j] - 1):
+                    raise ValueError("levels of a batch must share one contiguous run of rows")
+            wmax = max(wmax, (indptr[batch[bi] + 1] - indptr[batch[bi]]) * k1 * (batch[bi + 1] - batch[bi]))
+    wb = np.empty(wmax)
+    cdef double[::1] wbv = wb
     with nogil:
         info = update_blocked_core(&A11[0, 0, 0], m1, k1, &T1[0, 0], &indptr[0], rowsp,
                                    a21p, &A22[0, 0], D, nz, &rscale[0], &rk[0], &rtoff[0],
-                                   &Tflat[0], &L11_out[0, 0, 0], l21p, &L22_out[0, 0],
-                                   &bufv[0] if nrmax * k1 >= BLAS_MIN else NULL)
+                                   &Tflat[0], &batch[0], nbatch,
+                                   &L11_out[0, 0, 0], l21p, &L22_out[0, 0],
+                                   &bufv[0] if nrmax * k1 >= BLAS_MIN else NULL, &wbv[0])
     return info
 
 

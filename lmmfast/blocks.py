@@ -57,6 +57,7 @@ class BlockedCrossprod:
         Xy = np.column_stack([X, y])
         self.A22 = self._dense_block(rest, offs, Xy, nz, D)
         self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, Xy, nz, D)
+        self.batch = self._batches(self.indptr, self.rows)
 
         # ---- static description of Λ on the dense block (see update_blocked)
         self.rk = np.ones(D, dtype=np.int64)
@@ -136,6 +137,21 @@ class BlockedCrossprod:
         indptr = np.zeros(m1 + 1, dtype=np.int64)
         np.cumsum(np.bincount(j, minlength=m1), out=indptr[1:])
         return indptr, np.ascontiguousarray(rows, dtype=np.int64), A21
+
+    @staticmethod
+    def _batches(indptr, rows):
+        """Boundaries of runs of consecutive levels of term 1 whose panels cover the same
+        contiguous rows (fully crossed designs: every subject sees every item), so that
+        their downdates can go in one rank-k update."""
+        nr = np.diff(indptr)
+        m1 = len(nr)
+        if m1 == 0:
+            return np.zeros(1, dtype=np.int64)
+        first = rows[indptr[:-1]] if len(rows) else np.zeros(m1, dtype=np.int64)
+        contig = (rows[indptr[1:] - 1] - first == nr - 1) if len(rows) else np.ones(m1, bool)
+        same = np.zeros(m1, dtype=bool)
+        same[1:] = (first[1:] == first[:-1]) & (nr[1:] == nr[:-1]) & contig[1:] & contig[:-1]
+        return np.append(np.flatnonzero(~same), m1).astype(np.int64)
 
     @property
     def nbytes(self) -> int:

@@ -47,7 +47,7 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
     reml : bool
     """
     xp = pls.xp
-    nz, p, D, k1, m1 = xp.nz, xp.p, xp.D, xp.k1, xp.m1
+    nz, p, k1, m1 = xp.nz, xp.p, xp.k1, xp.m1
     n = xp.n
     Dp = nz + p if reml else nz
     # ---- dense block of M⁻¹ (selected inverse of the dense part: all of it)
@@ -76,15 +76,13 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
     b = [ui @ T.T for ui, T in zip(u, Ts)]
     w = np.concatenate([-np.concatenate([bi.ravel() for bi in b[1:]]) if nz else np.zeros(0),
                         -beta, [1.0]])
-    level = np.repeat(np.arange(m1), np.diff(xp.indptr))
-    wr = w[xp.rows]
-    ze1 = np.zeros((m1, k1))
-    np.add.at(ze1, level, xp.A21 * wr[:, None])
+    ze1 = np.add.reduceat(xp.A21 * w[xp.rows][:, None], xp.indptr[:-1], axis=0)  # no empty panel
     ze1 -= np.einsum("jab,jb->ja", xp.A11, b[0])
     zes = [ze1]
     if nz:
         zr = xp.A22[:nz, :] @ w
         sel = xp.rows < nz
+        level = np.repeat(np.arange(m1), np.diff(xp.indptr))
         contrib = np.einsum("tc,tc->t", xp.A21[sel], b[0][level[sel]])
         zr -= np.bincount(xp.rows[sel], weights=contrib, minlength=nz)
         for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):

@@ -58,7 +58,8 @@ class BlockedPLS:
         T1 = ext[xp.t1_index].reshape(xp.k1, xp.k1)
         Tflat = ext[xp.tflat_index]
         info = _pls.update_blocked(xp.A11, T1, xp.indptr, xp.rows, xp.A21, xp.A22, xp.nz,
-                                   rscale, xp.rk, xp.rtoff, Tflat, self.L11, self.L21, self.L22)
+                                   rscale, xp.rk, xp.rtoff, Tflat, self.L11, self.L21, self.L22,
+                                   xp.batch)
         self.theta = np.array(theta, dtype=float)
         self.T1 = T1
         self.rscale = rscale
@@ -109,10 +110,8 @@ class BlockedPLS:
         # term 1: L11_j' u_j = c1_j - V_j' z  (c1 is the y row, the last row of each panel)
         m1, k1 = xp.m1, xp.k1
         zext = np.append(z, 0.0)
-        contrib = self.L21 * zext[xp.rows][:, None]
-        level = np.repeat(np.arange(m1), np.diff(xp.indptr))
-        s = np.zeros((m1, k1))
-        np.add.at(s, level, contrib)
+        # every panel holds at least the y row, so no segment of reduceat is empty
+        s = np.add.reduceat(self.L21 * zext[xp.rows][:, None], xp.indptr[:-1], axis=0)
         rhs = self.L21[xp.indptr[1:] - 1] - s
         u1 = np.empty((m1, k1))
         for a in range(k1 - 1, -1, -1):   # back-substitution with L11_j' (upper), all j at once
