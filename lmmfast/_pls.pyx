@@ -24,11 +24,13 @@ released.  ``pls.dense_factor`` is its dense numpy oracle.
 """
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport sqrt, log
+from libc.math cimport sqrt, log, INFINITY, M_PI
 from scipy.linalg.cython_lapack cimport dpotrf, dpotri
 from scipy.linalg.cython_blas cimport dsyrk, dgemm
 
 cnp.import_array()
+
+cdef double LOG2PI = log(2.0 * M_PI)
 
 
 cdef int chol_small(double* a, Py_ssize_t k) noexcept nogil:
@@ -534,3 +536,110 @@ def dense_inverse(const double[:, ::1] L22, Py_ssize_t Dp, double[:, ::1] out):
                 for c in range(r):
                     out[c, r] = out[r, c]
     return info
+
+
+cdef class BlockedFactor:
+    """The blocked factor of Ω(θ) with its cross-products: one compiled call per θ.
+
+    Holds the stored cross-products of a ``blocks.BlockedCrossprod`` (validated once by
+    :func:`update_blocked`'s rules) and the factor's storage.  ``factor(θ)`` maps θ onto
+    T1, Λ_rest's row scales and group factors (θ index -1: 1.0, -2: 0.0) and refactors;
+    ``objective(θ, reml)`` adds the profiled deviance (JSS eqs. 34, 41).
+    """
+    cdef readonly object L11, L21, L22, T1, rscale, Tflat
+    cdef object xp, buf, wbuf
+    cdef const double[:, :, ::1] A11
+    cdef const double[:, ::1] A21, A22
+    cdef const cnp.int64_t[::1] indptr, rows, rk, rtoff, batch, rs_index, t1_index, tflat_index
+    cdef double[:, :, ::1] L11v
+    cdef double[:, ::1] L21v, L22v, T1v
+    cdef double[::1] rsv, tfv, bufv, wbufv
+    cdef Py_ssize_t m1, k1, D, nz, nbatch, n, p
+    cdef bint use_buf
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.L11 = np.zeros_like(xp.A11)
+        self.L21 = np.zeros_like(xp.A21)
+        self.L22 = np.zeros_like(xp.A22)
+        self.T1 = np.zeros((xp.k1, xp.k1))
+        self.rscale = np.ones(xp.D)
+        self.Tflat = np.zeros(max(len(xp.tflat_index), 1))
+        # one validating call of the checked wrapper, at θ = lme4's start shape (all ones)
+        update_blocked(xp.A11, self.T1 + np.eye(xp.k1), xp.indptr, xp.rows, xp.A21, xp.A22,
+                       xp.nz, self.rscale, xp.rk, xp.rtoff, self.Tflat, self.L11, self.L21,
+                       self.L22, xp.batch)
+        self.A11, self.A21, self.A22 = xp.A11, xp.A21, xp.A22
+        self.indptr, self.rows, self.rk, self.rtoff, self.batch = xp.indptr, xp.rows, xp.rk, xp.rtoff, xp.batch
+        self.rs_index, self.t1_index, self.tflat_index = xp.rs_index, xp.t1_index, xp.tflat_index
+        self.L11v, self.L21v, self.L22v, self.T1v = self.L11, self.L21, self.L22, self.T1
+        self.rsv, self.tfv = self.rscale, self.Tflat
+        self.m1, self.k1, self.D, self.nz = xp.m1, xp.k1, xp.D, xp.nz
+        self.nbatch = len(xp.batch) - 1
+        self.n, self.p = xp.n, xp.p
+        cdef Py_ssize_t nrmax = _max_panel(xp.indptr), bi, wmax = 1
+        self.use_buf = nrmax * self.k1 >= BLAS_MIN
+        self.buf = np.empty(min(nrmax, GATHER_MAX) ** 2 if self.use_buf else 1)
+        for bi in range(self.nbatch):
+            if xp.batch[bi + 1] - xp.batch[bi] > 1:
+                wmax = max(wmax, (xp.indptr[xp.batch[bi] + 1] - xp.indptr[xp.batch[bi]])
+                           * self.k1 * (xp.batch[bi + 1] - xp.batch[bi]))
+        self.wbuf = np.empty(wmax)
+        self.bufv, self.wbufv = self.buf, self.wbuf
+
+    cpdef int factor(self, const double[::1] theta) except? -99:
+        """Refactor Ω(θ) in place; 0 on success (else the kernel's info)."""
+        cdef Py_ssize_t i, nt = theta.shape[0], ix
+        cdef int info
+        for i in range(self.t1_index.shape[0]):
+            ix = self.t1_index[i]
+            if ix >= nt:
+                raise ValueError("theta is too short for this model")
+        with nogil:
+            for i in range(self.k1 * self.k1):
+                ix = self.t1_index[i]
+                self.T1v[i // self.k1, i % self.k1] = theta[ix] if ix >= 0 else 0.0
+            for i in range(self.D):
+                ix = self.rs_index[i]
+                self.rsv[i] = theta[ix] if ix >= 0 else 1.0
+            for i in range(self.tflat_index.shape[0]):
+                ix = self.tflat_index[i]
+                self.tfv[i] = theta[ix] if ix >= 0 else 0.0
+            info = update_blocked_core(
+                &self.A11[0, 0, 0], self.m1, self.k1, &self.T1v[0, 0], &self.indptr[0],
+                &self.rows[0] if self.rows.shape[0] > 0 else NULL,
+                &self.A21[0, 0] if self.A21.shape[0] > 0 else NULL,
+                &self.A22[0, 0], self.D, self.nz, &self.rsv[0], &self.rk[0], &self.rtoff[0],
+                &self.tfv[0], &self.batch[0], self.nbatch, &self.L11v[0, 0, 0],
+                &self.L21v[0, 0] if self.L21v.shape[0] > 0 else NULL, &self.L22v[0, 0],
+                &self.bufv[0] if self.use_buf else NULL, &self.wbufv[0])
+        return info
+
+    cpdef tuple pieces(self):
+        """(log|L_θ|², log|R_X|², r²) of the current factor."""
+        cdef Py_ssize_t j, a
+        cdef double ldz = 0.0, ldx = 0.0, r
+        with nogil:
+            for j in range(self.m1):
+                for a in range(self.k1):
+                    ldz += log(self.L11v[j, a, a])
+            for a in range(self.nz):
+                ldz += log(self.L22v[a, a])
+            for a in range(self.nz, self.D - 1):
+                ldx += log(self.L22v[a, a])
+            r = self.L22v[self.D - 1, self.D - 1]
+        return 2.0 * ldz, 2.0 * ldx, r * r
+
+    cpdef double objective(self, const double[::1] theta, bint reml) except? -1.0:
+        """Profiled deviance (ML) or REML criterion at θ; +inf where Ω(θ) is not PD."""
+        cdef double ldz, ldx, r2, nn
+        if self.factor(theta) != 0:
+            return INFINITY
+        ldz, ldx, r2 = self.pieces()
+        if not (r2 > 0.0):
+            return INFINITY
+        if reml:
+            nn = <double>(self.n - self.p)
+            return ldz + ldx + nn * (1.0 + LOG2PI + log(r2 / nn))
+        nn = <double>self.n
+        return ldz + nn * (1.0 + LOG2PI + log(r2 / nn))

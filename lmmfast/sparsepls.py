@@ -19,7 +19,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from .pls import deviance
+from .pls import deviance, tri_inverse
 
 __all__ = ["SparsePLS", "cholmod_available"]
 
@@ -150,7 +150,7 @@ class SparsePLS:
         return [v[o: o + m * k].reshape(m, k) for (m, k), o in zip(self.term_shapes, self.offsets)]
 
     def rx_inverse(self) -> np.ndarray:
-        return sla.solve_triangular(self.LX.T, np.eye(self.p), lower=False)
+        return tri_inverse(self.LX).T
 
     def condvar(self, chunk: int = 512):
         """Diagonal blocks of (L_θL_θ')⁻¹ per term, by solves with blocks of unit columns."""
