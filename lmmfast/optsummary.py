@@ -91,7 +91,11 @@ class _Counted:
         self.t0 = time.perf_counter()
 
     def __call__(self, x, grad=None):
-        f = self.fn(np.asarray(x, dtype=float))
+        f = self.record(x, self.fn(np.asarray(x, dtype=float)))
+        return f if math.isfinite(f) else 1e300
+
+    def record(self, x, f):
+        """Count one evaluation at ``x`` with value ``f``; report progress; return f."""
         self.n += 1
         if f < self.best_f:
             self.best_f, self.best_x = f, np.array(x, dtype=float)
@@ -100,7 +104,7 @@ class _Counted:
                   flush=True)
         if self.callback is not None:
             self.callback(self.n, np.asarray(x, dtype=float), f)
-        return f if math.isfinite(f) else 1e300
+        return f
 
 
 def _check_boundary(fn, x, fx, lower, counter):
@@ -155,14 +159,8 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=1e-5, ftol=1e-15, maxeval=100000,
 
     def fgc(x):
         val, g = fg(np.asarray(x, dtype=float))
-        f.n += 1
-        if val < f.best_f:
-            f.best_f, f.best_x = val, np.array(x, dtype=float)
-        if f.verbose and (f.n <= 10 or f.n % 10 == 0):
-            print(f"  eval {f.n:5d}  objective {val:.6f}  ({time.perf_counter() - f.t0:.2f} s)", flush=True)
-        if f.callback is not None:
-            f.callback(f.n, np.asarray(x, dtype=float), val)
-        last["g"] = g
+        f.record(x, val)
+        last["x"], last["g"] = np.array(x, dtype=float), g
         if not np.isfinite(val):
             return 1e300, np.zeros_like(x)
         return val, g
@@ -186,8 +184,11 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=1e-5, ftol=1e-15, maxeval=100000,
         if not edge.any() or f.n >= maxeval:
             break
         start = np.where(edge, lower + 0.1, x)
-    g = np.asarray(fg(x)[1]) if len(x) else np.zeros(0)
-    f.n += 1
+    if "x" in last and np.array_equal(last["x"], x):
+        g = np.asarray(last["g"])
+    else:
+        g = np.asarray(fg(x)[1])
+        f.n += 1
     pg = np.where((x <= lower) & (g > 0), 0.0, g)       # projected gradient
     small = np.max(np.abs(pg)) <= max(1e-3, 1e-8 * abs(fx)) if len(pg) else True
     code = 1 if r.success else (4 if small and r.status == 2 else -1)
@@ -203,9 +204,9 @@ def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-
 
     lme4's default ``lmer`` optimizer is ``nloptwrap`` (NLOPT_LN_BOBYQA, ``xtol_abs = 1e-8``,
     ``ftol_abs = 1e-8``); here ``ftol_rel = 1e-12`` is added, which stops the last steps
-    that only chase rounding noise on large objectives (relative changes below 1e-12).  After the optimizer stops, components that end within 1e-5 of
-    their bound of 0 are tried at the bound (lme4's ``check.boundary``), kept when the
-    objective is not worse.
+    that only chase rounding noise on large objectives (relative changes below 1e-12).
+    After the optimizer stops, components that end within 1e-5 of their bound of 0 are
+    tried at the bound (lme4's ``check.boundary``), kept when the objective is not worse.
 
     Returns
     -------
