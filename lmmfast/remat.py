@@ -56,7 +56,7 @@ def grouping_factor(frame: pd.DataFrame, factors: tuple, term: str):
     codes = labels = None
     values, steps = [], []
     for f in factors:
-        if f not in frame.columns:
+        if f not in frame:
             raise MissingColumnError(f"grouping factor {f!r} of random-effects term {term} "
                                      f"is not a column of the data")
         c, lab, idx = factor_codes(frame[f])
