@@ -25,14 +25,14 @@ class LmerFit:
     theta : ndarray
         Relative covariance parameters, lme4's order.
     fixef : Series
-        Fixed effects β̂, model-matrix column order.
+        Fixed effects β̂, model-matrix column order (``beta``: the same as an array).
     sigma : float
         Residual standard deviation.
     objective : float
         −2 × log-likelihood: lme4's deviance for ML, its REML criterion for REML.
     loglik, aic, bic : float
     vcov : DataFrame
-        Covariance matrix of β̂: σ² (R_X'R_X)⁻¹.
+        Covariance matrix of β̂: σ² (R_X'R_X)⁻¹ (``vcov_array``: the same as an array).
     ranef : dict
         Grouping factor -> DataFrame (levels × term columns) of conditional modes b̂.
     ranef_sd : dict
@@ -71,14 +71,24 @@ class LmerFit:
         self.aic = self.objective + 2 * npar
         self.bic = self.objective + math.log(n) * npar
         u, beta = pls.solve()
-        self.fixef = pd.Series(beta, index=list(model.xnames), name="Estimate")
+        self.beta = beta
         self._b = [ui @ T.T for ui, T in zip(u, self._T())]
         Rinv = pls.rx_inverse()
-        V = self.sigma ** 2 * (Rinv @ Rinv.T)
-        self.vcov = pd.DataFrame(V, index=model.xnames, columns=model.xnames)
+        self.vcov_array = self.sigma ** 2 * (Rinv @ Rinv.T)
         low = model.theta_lower
         self.is_singular = bool(np.any(np.abs(theta[low == 0]) < 1e-4))
         self.theta_names = list(model.theta_names)
+
+    @cached_property
+    def fixef(self) -> pd.Series:
+        """Fixed effects β̂ (``beta`` as a Series named by model-matrix column)."""
+        return pd.Series(self.beta, index=list(self.model.xnames), name="Estimate")
+
+    @cached_property
+    def vcov(self) -> pd.DataFrame:
+        """Covariance of β̂, σ² (R_X'R_X)⁻¹ (``vcov_array`` as a labelled DataFrame)."""
+        names = list(self.model.xnames)
+        return pd.DataFrame(self.vcov_array, index=names, columns=names)
 
     # ------------------------------------------------------------------ random effects
     def _T(self):
@@ -151,7 +161,7 @@ class LmerFit:
     def fitted(self) -> np.ndarray:
         """Fitted values Xβ̂ + Zb̂ (conditional on the random effects)."""
         m = self.model
-        eta = m.X @ self.fixef.to_numpy()
+        eta = m.X @ self.beta
         return eta + self._re_part([t.X for t in m.terms], [t.codes for t in m.terms])
 
     @property
@@ -168,9 +178,9 @@ class LmerFit:
         """
         m = self.model
         if newdata is None:
-            return self.fitted if re_form else m.X @ self.fixef.to_numpy()
+            return self.fitted if re_form else m.X @ self.beta
         Xn = np.asarray(m.fixed_spec.get_model_matrix(newdata, na_action="ignore"), dtype=float)
-        eta = Xn[:, m._xkeep] @ self.fixef.to_numpy()
+        eta = Xn[:, m._xkeep] @ self.beta
         if not re_form:
             return eta
         Xs, codes = [], []
@@ -183,8 +193,8 @@ class LmerFit:
     # ------------------------------------------------------------------ display
     def coef_table(self) -> pd.DataFrame:
         """Estimate, Std. Error and t value of the fixed effects."""
-        se = np.sqrt(np.diag(self.vcov.to_numpy()))
-        est = self.fixef.to_numpy()
+        se = np.sqrt(np.diag(self.vcov_array))
+        est = self.beta
         return pd.DataFrame({"Estimate": est, "Std. Error": se, "t value": est / se},
                             index=self.fixef.index)
 
