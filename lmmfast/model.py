@@ -51,6 +51,8 @@ class LinearMixedModel:
     """
 
     def __init__(self, formula: str, data, REML: bool = True, method: str = "auto"):
+        if method not in ("auto", "blocked", "cholmod"):
+            raise ValueError(f"method must be 'auto', 'blocked' or 'cholmod', not {method!r}")
         self.formula = parse_formula(formula)
         self.REML = bool(REML)
         mf = model_frame(self.formula, data)
@@ -76,8 +78,6 @@ class LinearMixedModel:
         self.theta_lower = np.concatenate([t.theta_lower() for t in self.terms])
         self.theta_start = np.concatenate([t.theta_start() for t in self.terms])
         self.theta_names = [nm for t in self.terms for nm in t.theta_names()]
-        if method not in ("auto", "blocked", "cholmod"):
-            raise ValueError(f"method must be 'auto', 'blocked' or 'cholmod', not {method!r}")
         if method == "auto":
             method = choose_method(self.terms, self.p)
         self.method = method
