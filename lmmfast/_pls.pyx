@@ -139,13 +139,28 @@ cdef void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows, const dou
             L22[r + rows[u]] -= s
 
 
+cdef inline Py_ssize_t batch_size(const cnp.int64_t* batch, Py_ssize_t nbatch,
+                                  Py_ssize_t j) noexcept nogil:
+    """Number of levels in the batch holding level j (batches are sorted runs)."""
+    cdef Py_ssize_t lo = 0, hi = nbatch, mid
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if batch[mid] <= j:
+            lo = mid
+        else:
+            hi = mid
+    return batch[lo + 1] - batch[lo]
+
+
 cdef int update_blocked_core(
         const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
         const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
         const double* A22, Py_ssize_t D, Py_ssize_t nz,
         const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
         const double* Tflat, const cnp.int64_t* batch, Py_ssize_t nbatch,
-        double* L11, double* L21, double* L22, double* buf, double* wbuf) noexcept nogil:
+        double* L11, double* L21, double* L22, double* buf, double* wbuf,
+        const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tlev,
+        double* acc) noexcept nogil:
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K
     cdef int k_i, ld_i
     cdef char tr = b'T'
@@ -206,7 +221,7 @@ cdef int update_blocked_core(
                     for b in range(c):
                         s -= v[t * k1 + b] * blk[c * k1 + b]
                     v[t * k1 + c] = s / blk[c * k1 + c]
-            if j1 - j0 == 1:
+            if j1 - j0 == 1 and tptr == NULL:
                 # ---- L22 -= V V' (lower triangle; rows are ascending)
                 downdate(L22, D, rows + p0, v, nr, k1, buf)
         if j1 - j0 > 1:
@@ -224,6 +239,27 @@ cdef int update_blocked_core(
             ld_i = <int>D
             dsyrk(&uplo, &tr, &n_i, &k_i, &mone, wbuf, &k_i, &one,
                   L22 + rows[p0] * D + rows[p0], &ld_i)
+
+    if tptr != NULL:
+        # ---- the single-level downdates row by row of L22 (the transposed pattern): each
+        # row's sum builds in a cache-resident accumulator and L22 is written in order, where
+        # per-level scatters into a large L22 miss the cache on nearly every update.
+        for r in range(D):
+            for u in range(r + 1):
+                acc[u] = 0.0
+            for t in range(tptr[r], tptr[r + 1]):
+                j = tlev[t]
+                if batch_size(batch, nbatch, j) > 1:
+                    continue
+                p1 = tidx[t]
+                v = L21 + p1 * k1
+                for kk in range(indptr[j], p1 + 1):
+                    s = 0.0
+                    for c in range(k1):
+                        s += v[c] * L21[kk * k1 + c]
+                    acc[rows[kk]] += s
+            for u in range(r + 1):
+                L22[r * D + u] -= acc[u]
 
     # ---- dense Cholesky of L22 (row-major lower == column-major upper)
     n_i = <int>D
@@ -326,7 +362,8 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                                    a21p, &A22[0, 0], D, nz, &rscale[0], &rk[0], &rtoff[0],
                                    &Tflat[0], &batch[0], nbatch,
                                    &L11_out[0, 0, 0], l21p, &L22_out[0, 0],
-                                   &bufv[0] if nrmax * k1 >= BLAS_MIN else NULL, &wbv[0])
+                                   &bufv[0] if nrmax * k1 >= BLAS_MIN else NULL, &wbv[0],
+                                   NULL, NULL, NULL, NULL)
     return info
 
 
@@ -551,6 +588,10 @@ cdef class BlockedFactor:
     cdef const double[:, :, ::1] A11
     cdef const double[:, ::1] A21, A22
     cdef const cnp.int64_t[::1] indptr, rows, rk, rtoff, batch, rs_index, t1_index, tflat_index
+    cdef const cnp.int64_t[::1] tptr, tidx, tlev
+    cdef double[::1] accv
+    cdef object acc
+    cdef bint transposed
     cdef double[:, :, ::1] L11v
     cdef double[:, ::1] L21v, L22v, T1v
     cdef double[::1] rsv, tfv, bufv, wbufv
@@ -586,6 +627,14 @@ cdef class BlockedFactor:
                            * self.k1 * (xp.batch[bi + 1] - xp.batch[bi]))
         self.wbuf = np.empty(wmax)
         self.bufv, self.wbufv = self.buf, self.wbuf
+        self.transposed = xp.tptr is not None
+        if self.transposed:
+            self.tptr, self.tidx, self.tlev = xp.tptr, xp.tidx, xp.tlev
+            if (self.tptr.shape[0] != self.D + 1 or self.tidx.shape[0] != self.rows.shape[0]
+                    or self.tlev.shape[0] != self.rows.shape[0]):
+                raise ValueError("transposed pattern does not match the panels")
+        self.acc = np.zeros(self.D)
+        self.accv = self.acc
 
     cpdef int factor(self, const double[::1] theta) except? -99:
         """Refactor Ω(θ) in place; 0 on success (else the kernel's info)."""
@@ -612,7 +661,10 @@ cdef class BlockedFactor:
                 &self.A22[0, 0], self.D, self.nz, &self.rsv[0], &self.rk[0], &self.rtoff[0],
                 &self.tfv[0], &self.batch[0], self.nbatch, &self.L11v[0, 0, 0],
                 &self.L21v[0, 0] if self.L21v.shape[0] > 0 else NULL, &self.L22v[0, 0],
-                &self.bufv[0] if self.use_buf else NULL, &self.wbufv[0])
+                &self.bufv[0] if self.use_buf else NULL, &self.wbufv[0],
+                &self.tptr[0] if self.transposed else NULL,
+                &self.tidx[0] if self.transposed else NULL,
+                &self.tlev[0] if self.transposed else NULL, &self.accv[0])
         return info
 
     cpdef tuple pieces(self):

@@ -27,9 +27,12 @@ class BlockedCrossprod:
     y : (n,) array
     theta_offsets : list of int
         Where each term's θ starts in the full θ vector.
+    transposed : bool, optional
+        Downdate the dense block row by row through the transposed panel pattern
+        (default: when the dense block exceeds 4 MiB, i.e. no longer fits the cache).
     """
 
-    def __init__(self, terms, X, y, theta_offsets):
+    def __init__(self, terms, X, y, theta_offsets, transposed=None):
         t1, rest = terms[0], terms[1:]
         n, p = X.shape
         self.m1, self.k1 = t1.nlevels, t1.k
@@ -58,6 +61,16 @@ class BlockedCrossprod:
         self.A22 = self._dense_block(rest, offs, Xy, nz, D)
         self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, Xy, nz, D)
         self.batch = self._batches(self.indptr, self.rows)
+        # Row-wise (transposed) downdate when L22 is too big for the cache (see _pls).
+        if transposed is None:
+            transposed = D * D * 8 > 4 * 2 ** 20
+        self.tptr = self.tidx = self.tlev = None
+        if transposed and len(self.rows):
+            order = np.argsort(self.rows, kind="stable")     # by row, levels ascending
+            self.tidx = order.astype(np.int64)
+            self.tlev = np.repeat(np.arange(self.m1, dtype=np.int64), np.diff(self.indptr))[order]
+            self.tptr = np.zeros(D + 1, dtype=np.int64)
+            np.cumsum(np.bincount(self.rows, minlength=D), out=self.tptr[1:])
 
         # ---- static description of Λ on the dense block (see update_blocked)
         self.rk = np.ones(D, dtype=np.int64)
