@@ -761,29 +761,32 @@ def run_child(cmd: list, env: dict, timeout: Optional[float] = None, progress: b
         thread.start()
         launched = time.monotonic()
         killed = None
-        while True:
-            try:
-                proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if timeout is None:
-                continue
-            now = time.monotonic()
-            if clock["start"] is None:
-                phase, since = "loading data", launched
-            elif clock["end"] is None:
-                phase, since = "fitting", clock["start"]
-            else:
-                phase, since = "reporting", clock["end"]
-            if now - since > timeout:
-                killed = phase
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if timeout is None:
+                    continue
+                now = time.monotonic()
+                if clock["start"] is None:
+                    phase, since = "loading data", launched
+                elif clock["end"] is None:
+                    phase, since = "fitting", clock["start"]
+                else:
+                    phase, since = "reporting", clock["end"]
+                if now - since > timeout:
+                    killed = phase
+                    break
+        finally:   # timeout, or this script interrupted: take the worker down with it
+            if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 proc.wait()
-                break
         thread.join(timeout=10)
         if killed is not None:
             raise ChildTimeout(killed, timeout, fits)
@@ -1317,6 +1320,9 @@ def main(argv=None) -> None:
             print(f"{r.number}  {r.name:22s} {'REML' if r.reml else 'ML  '}  {r.formula}"
                   f"{'   (heavy)' if r.heavy else ''}")
         return
+    def interrupted(signum, frame):      # SIGTERM: unwind, so workers and temp files go too
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, interrupted)
     records, meta = run_all(args)
     print(format_table(records))
     print()
