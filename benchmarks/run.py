@@ -391,7 +391,7 @@ def eval_floor(model) -> dict:
     S = rng.random((D, D))
     S += S.T
     S[np.diag_indices(D)] += 2.0 * D            # diagonally dominant: SPD
-    chol = _best_time(lambda: scipy.linalg.cholesky(S, lower=True, check_finite=False))
+    chol = _best_time(lambda S=S: scipy.linalg.cholesky(S, lower=True, check_finite=False))
     del S
     copy = _best_time(lambda: (xp.A22.copy(), xp.A21.copy()))
     return {"D": D, "floor_chol_ms": 1000 * chol, "floor_copy_ms": 1000 * copy,
