@@ -26,7 +26,7 @@ import numpy as np
 cimport numpy as cnp
 from libc.math cimport sqrt, log, INFINITY, M_PI
 from scipy.linalg.cython_lapack cimport dpotrf, dpotri
-from scipy.linalg.cython_blas cimport dsyrk, dgemm
+from scipy.linalg.cython_blas cimport dsyrk, dgemm, dtrsv
 
 cnp.import_array()
 
@@ -583,7 +583,7 @@ cdef class BlockedFactor:
     T1, Λ_rest's row scales and group factors (θ index -1: 1.0, -2: 0.0) and refactors;
     ``objective(θ, reml)`` adds the profiled deviance (JSS eqs. 34, 41).
     """
-    cdef readonly object L11, L21, L22, T1, rscale, Tflat
+    cdef readonly object L11, L21, L22, T1, rscale, Tflat, theta
     cdef object xp, buf, wbuf
     cdef const double[:, :, ::1] A11
     cdef const double[:, ::1] A21, A22
@@ -594,7 +594,7 @@ cdef class BlockedFactor:
     cdef bint transposed
     cdef double[:, :, ::1] L11v
     cdef double[:, ::1] L21v, L22v, T1v
-    cdef double[::1] rsv, tfv, bufv, wbufv
+    cdef double[::1] rsv, tfv, bufv, wbufv, thv
     cdef Py_ssize_t m1, k1, D, nz, nbatch, n, p
     cdef bint use_buf
 
@@ -644,6 +644,11 @@ cdef class BlockedFactor:
             ix = self.t1_index[i]
             if ix >= nt:
                 raise ValueError("theta is too short for this model")
+        if self.theta is None or self.theta.shape[0] != nt:
+            self.theta = np.empty(nt)
+            self.thv = self.theta
+        for i in range(nt):
+            self.thv[i] = theta[i]
         with nogil:
             for i in range(self.k1 * self.k1):
                 ix = self.t1_index[i]
@@ -666,6 +671,26 @@ cdef class BlockedFactor:
                 &self.tidx[0] if self.transposed else NULL,
                 &self.tlev[0] if self.transposed else NULL, &self.accv[0])
         return info
+
+    def solve_dense(self):
+        """z solving L22[:D-1, :D-1]' z = L22[D-1, :D-1]: the dense block's solution.
+
+        Its first nz entries are the spherical random effects of the dense block's terms,
+        the next p are β̂ (Bates et al. 2015, eqs. 19-20); read in place (no copy of L22,
+        which on large models is hundreds of MB)."""
+        cdef Py_ssize_t Dm = self.D - 1, i
+        z = np.empty(Dm)
+        cdef double[::1] zv = z
+        cdef int n_i = <int>Dm, lda = <int>self.D, inc = 1
+        cdef char up = b'U', nt = b'N', nd = b'N'
+        if Dm == 0:
+            return z
+        with nogil:
+            for i in range(Dm):
+                zv[i] = self.L22v[Dm, i]
+            # row-major lower L is column-major upper L': solve L' z = c
+            dtrsv(&up, &nt, &nd, &n_i, &self.L22v[0, 0], &lda, &zv[0], &inc)
+        return z
 
     cpdef tuple pieces(self):
         """(log|L_θ|², log|R_X|², r²) of the current factor."""

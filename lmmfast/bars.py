@@ -12,6 +12,7 @@ expanded exactly as lme4's ``findbars``/``expandDoubleVerts``/``expandSlash`` do
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import FormulaError
 
@@ -169,6 +170,12 @@ def parse_formula(formula: str) -> MixedFormula:
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
+    return _parse(formula)
+
+
+@lru_cache(maxsize=256)
+def _parse(formula: str) -> MixedFormula:
+    """:func:`parse_formula` of a string, cached (the result is immutable)."""
     _check_balanced(formula, formula)
     sides = _split_top(formula, "~")
     if len(sides) != 2 or not sides[0].strip():

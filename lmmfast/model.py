@@ -207,7 +207,7 @@ class LinearMixedModel:
             opt = minimize_lbfgs(self.objective_and_gradient, x0, self.theta_lower,
                                  verbose=verbose, callback=callback, **control)
         else:
-            opt = minimize_bobyqa(lambda th: self.pls.objective(th, self.REML), x0,
+            opt = minimize_bobyqa(self.pls.objective_function(self.REML), x0,
                                   self.theta_lower, verbose=verbose, callback=callback, **control)
         return LmerFit(self, opt)
 

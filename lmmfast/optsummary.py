@@ -91,8 +91,8 @@ class _Counted:
         self.t0 = time.perf_counter()
 
     def __call__(self, x, grad=None):
-        f = self.record(x, self.fn(np.asarray(x, dtype=float)))
-        return f if math.isfinite(f) else 1e300
+        f = self.record(x, self.fn(x))
+        return f if f < math.inf else 1e300
 
     def record(self, x, f):
         """Count one evaluation at ``x`` with value ``f``; report progress; return f."""
@@ -241,7 +241,10 @@ def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-
     if x is None:
         x = x0
     x = np.asarray(x, dtype=float)
-    fx = fn(x)
-    f.n += 1
+    if f.best_x is not None and np.array_equal(x, f.best_x):
+        fx = f.best_f                      # nlopt returns its best point: no re-evaluation
+    else:
+        fx = fn(x)
+        f.n += 1
     summ.converged = code > 0 and code != 5
     return _finish(summ, fn, f, x, fx, lower, code, _NLOPT_CODES, t0)

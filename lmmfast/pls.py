@@ -15,6 +15,7 @@ are the dense numpy oracles the tests compare it with.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 
@@ -62,18 +63,16 @@ class BlockedPLS:
         self.xp = xp
         self._f = _pls.BlockedFactor(xp)
         self.L11, self.L21, self.L22 = self._f.L11, self._f.L21, self._f.L22
-        self.theta = None
 
-    # the current T1, Λ_rest row scales and group factors (set by factor)
+    # the current θ, T1, Λ_rest row scales and group factors (set by factor)
+    theta = property(lambda self: self._f.theta)
     T1 = property(lambda self: self._f.T1)
     rscale = property(lambda self: self._f.rscale)
     Tflat = property(lambda self: self._f.Tflat)
 
     def factor(self, theta: np.ndarray) -> int:
         """Update the factor in place for ``theta``; returns the kernel's info (0 = ok)."""
-        theta = np.ascontiguousarray(theta, dtype=float)
-        self.theta = theta.copy()
-        return self._f.factor(theta)
+        return self._f.factor(np.ascontiguousarray(theta, dtype=float))
 
     def pieces(self):
         """(log|L_θ|², log|R_X|², r²) of the current factor."""
@@ -82,9 +81,12 @@ class BlockedPLS:
     def objective(self, theta: np.ndarray, reml: bool) -> float:
         """-2 log-likelihood (ML, eq. 34) or the REML criterion (eq. 41) at ``theta``;
         +inf where Ω(θ) is not positive definite.  One compiled call."""
-        theta = np.ascontiguousarray(theta, dtype=float)
-        self.theta = theta
-        return self._f.objective(theta, reml)
+        return self._f.objective(np.ascontiguousarray(theta, dtype=float), reml)
+
+    def objective_function(self, reml: bool):
+        """``f(θ)`` for an optimizer: :meth:`objective` with the least call overhead
+        (θ must be a contiguous float64 array, as optimizers pass it)."""
+        return partial(self._f.objective, reml=reml)
 
     # ------------------------------------------------------------------ solutions
     def _split_rest(self, v):
@@ -106,13 +108,9 @@ class BlockedPLS:
             Spherical random effects per term (b_i = u_i T_i').
         beta : (p,) array
         """
-        import scipy.linalg as sla
-
         xp = self.xp
-        D, nz, p = xp.D, xp.nz, xp.p
-        L = np.tril(self.L22)
-        c = L[D - 1, : D - 1]
-        z = sla.solve_triangular(L[: D - 1, : D - 1], c, lower=True, trans="T") if D > 1 else np.zeros(0)
+        nz, p = xp.nz, xp.p
+        z = self._f.solve_dense()
         # term 1: L11_j' u_j = c1_j - V_j' z  (c1 is the y row, the last row of each panel)
         m1, k1 = xp.m1, xp.k1
         zext = np.append(z, 0.0)

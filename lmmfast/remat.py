@@ -38,9 +38,21 @@ def factor_codes(col: pd.Series):
     if isinstance(col.dtype, pd.CategoricalDtype):
         col = col.cat.remove_unused_categories()
         cats = col.cat.categories
-        return col.cat.codes.to_numpy(np.int64), [str(c) for c in cats], pd.Index(cats)
-    codes, uniques = pd.factorize(col, sort=True)
-    return codes.astype(np.int64, copy=False), [str(u) for u in uniques], pd.Index(uniques)
+        return col.cat.codes.to_numpy(np.int64), [str(c) for c in cats], cats
+    values = col.to_numpy()
+    # Hash, then sort the (few) distinct values: cheaper than pandas' sort=True path,
+    # which has ~0.15 ms of overhead on small columns; values of mixed types that do not
+    # compare go to pandas' safe sort.
+    codes, uniques = pd.factorize(values)
+    try:
+        order = np.argsort(uniques, kind="stable")
+    except TypeError:
+        codes, uniques = pd.factorize(values, sort=True)
+    else:
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        codes, uniques = rank[codes], uniques[order]
+    return codes.astype(np.int64, copy=False), [str(u) for u in uniques], uniques
 
 
 def grouping_factor(frame: pd.DataFrame, factors: tuple, term: str):
@@ -75,7 +87,13 @@ class GroupEncoder:
     """Maps rows of new data to a fitted grouping factor's codes (-1: level not seen)."""
 
     def __init__(self, factors, values, steps):
-        self.factors, self.values, self.steps = factors, values, steps
+        self.factors, self._values, self.steps = factors, values, steps
+
+    @property
+    def values(self) -> list:
+        """The level values of each factor, as pandas Indexes (built on first use)."""
+        self._values = [v if isinstance(v, pd.Index) else pd.Index(v) for v in self._values]
+        return self._values
 
     def codes(self, frame: pd.DataFrame) -> np.ndarray:
         codes = None

@@ -56,9 +56,7 @@ class LmerFit:
         theta = np.asarray(optsummary.final, dtype=float)
         self.theta = theta
         pls = model.pls
-        info = pls.factor(theta)
-        if info != 0:  # pragma: no cover  (the optimizer never ends at an infinite objective)
-            raise RuntimeError("the factorization failed at the optimum")
+        self._refactor()
         ldz, ldx, r2 = pls.pieces()
         n, p = model.nobs, model.p
         self.objective = deviance(ldz, ldx, r2, n, p, self.REML)
@@ -78,6 +76,14 @@ class LmerFit:
         low = model.theta_lower
         self.is_singular = bool(np.any(np.abs(theta[low == 0]) < 1e-4))
         self.theta_names = list(model.theta_names)
+
+    def _refactor(self):
+        """Make sure the model's factor is the one at the estimate (the optimizer's last
+        evaluation usually was; later objective calls on the model may have moved it)."""
+        pls = self.model.pls
+        if pls.theta is None or not np.array_equal(pls.theta, self.theta):
+            if pls.factor(self.theta) != 0:  # pragma: no cover (never at a finite optimum)
+                raise RuntimeError("the factorization failed at the optimum")
 
     @cached_property
     def fixef(self) -> pd.Series:
@@ -116,7 +122,7 @@ class LmerFit:
         """Conditional standard deviations of the random effects (lme4's condVar):
         square roots of the diagonal of σ² Λ (L_θL_θ')⁻¹ Λ'."""
         pls = self.model.pls
-        pls.factor(self.theta)
+        self._refactor()
         s2 = self.sigma ** 2
         sds = []
         for T, B in zip(self._T(), pls.condvar()):

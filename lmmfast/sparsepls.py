@@ -14,6 +14,7 @@ Same interface as :class:`lmmfast.pls.BlockedPLS`.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import scipy.linalg as sla
@@ -128,6 +129,10 @@ class SparsePLS:
         """(log|L_θ|², log|R_X|², r²) of the current factor."""
         ldx = 2.0 * float(np.log(np.diag(self.LX)).sum()) if self.p else 0.0
         return float(self._factor.logdet()), ldx, float(self.r2)
+
+    def objective_function(self, reml: bool):
+        """``f(θ)`` for an optimizer."""
+        return partial(self.objective, reml=reml)
 
     def objective(self, theta, reml: bool) -> float:
         if self.factor(theta) != 0:

@@ -238,3 +238,26 @@ def test_na_in_real_data():
     d.loc[[3, 50, 51], "Reaction"] = np.nan
     fit = lmmfast.lmer("Reaction ~ Days + (Days | Subject)", d)
     assert fit.nobs == 177 and fit.n_dropped == 3
+
+
+def test_missing_in_nullable_integer_column_drops_the_row(df):
+    # a nullable Int64 column reports dtype kind 'i' yet can hold <NA>
+    d = df.assign(k=pd.array(np.arange(len(df)) % 5, dtype="Int64"))
+    d.loc[6, "k"] = pd.NA
+    fit = lmmfast.lmer("y ~ x + k + (1 | g)", d)
+    assert fit.nobs == len(d) - 1 and fit.n_dropped == 1
+    ref = lmmfast.lmer("y ~ x + k + (1 | g)", d.drop(index=[6]).astype({"k": float}))
+    assert fit.objective == pytest.approx(ref.objective, rel=1e-12)
+
+
+def test_nearly_aliased_column_is_judged_by_the_qr(df):
+    # far below the Gram-matrix shortcut's margin: the pivoted decision is the QR's
+    d = df.assign(x2=df["x"] + 1e-9 * np.sin(np.arange(len(df))))
+    with pytest.warns(RankDeficiencyWarning, match="x2"):
+        fit = lmmfast.lmer("y ~ x + x2 + (1 | g)", d)
+    assert list(fit.fixef.index) == ["(Intercept)", "x"]
+    d = df.assign(x2=df["x"] + 1e-3 * np.sin(np.arange(len(df))))   # kept: above tol
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RankDeficiencyWarning)
+        fit = lmmfast.lmer("y ~ x + x2 + (1 | g)", d)
+    assert list(fit.fixef.index) == ["(Intercept)", "x", "x2"]

@@ -252,3 +252,21 @@ def test_insteval_like_numeric_strings_sort_as_strings():
 def test_parse_formula_rejects_non_strings():
     with pytest.raises(FormulaError):
         parse_formula(None)
+
+
+def test_levels_of_mixed_types_fall_back_to_pandas_order():
+    col = pd.Series([3, "b", 1, "a", 3], dtype=object)     # ints and strings do not compare
+    codes, levels, _ = factor_codes(col)
+    assert sorted(levels) == ["1", "3", "a", "b"] and len(set(codes)) == 4
+    assert [levels[c] for c in codes] == ["3", "b", "1", "a", "3"]
+
+
+def test_factor_codes_agree_with_pandas_sorted_factorize():
+    rng = np.random.default_rng(3)
+    for col in (pd.Series(rng.choice(["x10", "x2", "Y", "é", "a b"], 500)),
+                pd.Series(rng.integers(-5, 50, 500)), pd.Series(rng.normal(size=50).round(1)),
+                pd.Series(rng.choice(["u", "v"], 80), dtype="string")):
+        codes, levels, _ = factor_codes(col)
+        ref_codes, ref_uniq = pd.factorize(col, sort=True)
+        np.testing.assert_array_equal(codes, ref_codes)
+        assert levels == [str(u) for u in ref_uniq]
