@@ -133,10 +133,15 @@ class LinearMixedModel:
         means of e less its sampling part (s_w² × levels / n) and s_w² the within-group
         variance of e.  Other terms keep lme4's start (T = I).
         """
+        return self._moments()[0]
+
+    def _moments(self):
+        """(moment start θ, mask of the elements it estimated)."""
         beta, *_ = np.linalg.lstsq(self.X, self.y, rcond=None)
         e = self.y - self.X @ beta
         n = len(e)
         th = self.theta_start.copy()
+        est = np.zeros(len(th), dtype=bool)
         for t, off in zip(self.terms, self.theta_offsets):
             if t.k != 1 or t.cnames != ["(Intercept)"]:
                 continue
@@ -148,7 +153,8 @@ class LinearMixedModel:
                 continue
             vb = np.average(mean ** 2, weights=cnt) - sw * t.nlevels / n
             th[off] = np.sqrt(max(vb, 0.01 * sw) / sw)
-        return th
+            est[off] = True
+        return th, est
 
     def fit(self, optimizer: str = "auto", start="auto", verbose: bool = False, callback=None,
             **control):
@@ -182,11 +188,12 @@ class LinearMixedModel:
         """
         from .results import LmerFit
 
+        est = None
         if start is None or (isinstance(start, str) and start == "lme4"):
             x0 = self.theta_start
         elif isinstance(start, str) and start in ("auto", "moments"):
             big = start == "moments" or self.nobs >= 10000
-            x0 = self.moment_start() if big else self.theta_start
+            x0, est = self._moments() if big else (self.theta_start, None)
         elif isinstance(start, str):
             raise ValueError(f"start must be 'auto', 'lme4', 'moments' or a θ vector, not {start!r}")
         else:
@@ -207,6 +214,11 @@ class LinearMixedModel:
             opt = minimize_lbfgs(self.objective_and_gradient, x0, self.theta_lower,
                                  verbose=verbose, callback=callback, **control)
         else:
+            if est is not None and est.any() and "initial_step" not in control:
+                # BOBYQA's first trust region: a tenth of the moment estimate where there
+                # is one (it is close: about a third fewer evaluations on InstEval), nlopt's
+                # default (a quarter of |θ|, or 1) elsewhere.
+                control["initial_step"] = np.where(est, 0.1 * np.maximum(x0, 0.1), np.nan)
             opt = minimize_bobyqa(self.pls.objective_function(self.REML), x0,
                                   self.theta_lower, verbose=verbose, callback=callback, **control)
         return LmerFit(self, opt)

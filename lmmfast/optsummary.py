@@ -136,11 +136,12 @@ def _finish(summ, fn, f, x, fx, lower, code, codes, t0):
 
 
 def minimize_lbfgs(fg, x0, lower, *, gtol=1e-5, ftol=1e-15, maxeval=100000,
-                   verbose=False, callback=None):
+                   probe_step=1e-3, verbose=False, callback=None):
     """Minimise with L-BFGS-B using the analytic gradient (``fg(θ) -> (f, ∇f)``).
 
     Stops when the projected gradient's largest component is below ``gtol`` or the
-    relative decrease below ``ftol``.  A line search that cannot improve further at
+    relative decrease below ``ftol``.  Where it stops with diagonal elements of T at 0,
+    one evaluation ``probe_step`` inside the bound decides whether to restart from there.  A line search that cannot improve further at
     the optimum (floating-point limit) counts as converged when the projected gradient
     is small.
     """
@@ -177,15 +178,24 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=1e-5, ftol=1e-15, maxeval=100000,
             r, x, fx = rr, np.asarray(rr.x, dtype=float), float(rr.fun)
         elif attempt:
             break
-        # A diagonal element of T at its bound of 0 is always a stationary point of the
+        # A diagonal element of T at its bound of 0 is often a stationary point of the
         # objective in that coordinate, so a gradient method can stop there even when the
-        # optimum is inside: restart from just inside the bound, keep the better end.
+        # optimum is inside.  Probe just inside the bound (one evaluation): when the
+        # objective rises there and its slope points back to the bound in every such
+        # coordinate, the bound is the optimum; else restart from inside, keep the better end.
         edge = np.isfinite(lower) & (x <= lower)
         if not edge.any() or f.n >= maxeval:
             break
-        start = np.where(edge, lower + 0.1, x)
+        probe = np.where(edge, lower + probe_step, x)
+        fp, gp = fgc(probe)
+        inward = edge & (np.asarray(gp) < 0)
+        if fp >= fx and not inward.any():
+            break
+        start = np.where(inward if inward.any() else edge, lower + 0.1, x)
     if "x" in last and np.array_equal(last["x"], x):
         g = np.asarray(last["g"])
+    elif getattr(r, "jac", None) is not None and np.array_equal(np.asarray(r.x), x):
+        g = np.asarray(r.jac)
     else:
         g = np.asarray(fg(x)[1])
         f.n += 1
@@ -229,7 +239,9 @@ def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-
         opt.set_ftol_rel(ftol_rel)
     opt.set_maxeval(int(maxeval))
     if initial_step is not None:
-        opt.set_initial_step(initial_step)
+        step = np.broadcast_to(np.asarray(initial_step, dtype=float), x0.shape)
+        step = np.where(np.isnan(step), opt.get_initial_step(x0), step)   # NaN: nlopt's default
+        opt.set_initial_step(step)
     try:
         x = opt.optimize(x0)
         code = opt.last_optimize_result()

@@ -69,3 +69,25 @@ def test_lbfgs_reaches_lme4_optimum(case):
     assert m.optsummary.optimizer == "lbfgs"
     assert m.objective <= ref["objective"] + 1e-7 * abs(ref["objective"]) + 1e-3
     np.testing.assert_allclose(m.theta, ref["theta"], atol=5e-3 * max(1.0, np.abs(ref["theta"]).max()))
+
+
+def test_lbfgs_leaves_a_stationary_boundary_start():
+    """From T's first column at 0 the gradient in it vanishes (the objective is even in
+    that column), so L-BFGS-B stops there; the probe inside the bound must restart it."""
+    ref = load_ref("sleepstudy_reml")
+    m = lmmfast.LinearMixedModel("Reaction ~ Days + (Days | Subject)", lmmfast.datasets.load("sleepstudy"))
+    f, g = m.objective_and_gradient(np.array([0.0, 0.0, 1.0]))
+    assert g[0] == pytest.approx(0.0, abs=1e-8) and g[1] == pytest.approx(0.0, abs=1e-8)
+    fit = m.fit(optimizer="lbfgs", start=[0.0, 0.0, 1.0])
+    assert fit.objective <= ref["objective"] + 1e-6
+    np.testing.assert_allclose(fit.theta, ref["theta"], rtol=1e-3, atol=1e-4)
+
+
+def test_lbfgs_keeps_a_true_boundary_optimum_without_restarting():
+    """Dyestuff2's optimum has θ = 0: one probe evaluation, no second descent."""
+    ref = load_ref("dyestuff2_reml")
+    df = load_csv("dyestuff2.csv", ["Batch"])
+    fit = lmmfast.lmer("Yield ~ 1 + (1 | Batch)", df, optimizer="lbfgs")
+    assert fit.theta[0] == 0.0 and ref["theta"][0] == pytest.approx(0.0, abs=1e-8)
+    assert fit.objective <= ref["objective"] + 1e-8
+    assert fit.optsummary.feval < 25
