@@ -160,8 +160,9 @@ cdef int update_blocked_core(
         const double* Tflat, const cnp.int64_t* batch, Py_ssize_t nbatch,
         double* L11, double* L21, double* L22, double* buf, double* wbuf,
         const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tlev,
-        double* acc) noexcept nogil:
-    cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K
+        double* acc, const cnp.int64_t* heavy, Py_ssize_t nheavy, const char* hflag,
+        double* hbuf, Py_ssize_t hchunk) noexcept nogil:
+    cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
     cdef int k_i, ld_i
     cdef char tr = b'T'
     cdef double one = 1.0, mone = -1.0
@@ -221,7 +222,7 @@ cdef int update_blocked_core(
                     for b in range(c):
                         s -= v[t * k1 + b] * blk[c * k1 + b]
                     v[t * k1 + c] = s / blk[c * k1 + c]
-            if j1 - j0 == 1 and tptr == NULL:
+            if j1 - j0 == 1 and tptr == NULL and (hflag == NULL or not hflag[j]):
                 # ---- L22 -= V V' (lower triangle; rows are ascending)
                 downdate(L22, D, rows + p0, v, nr, k1, buf)
         if j1 - j0 > 1:
@@ -240,6 +241,26 @@ cdef int update_blocked_core(
             dsyrk(&uplo, &tr, &n_i, &k_i, &mone, wbuf, &k_i, &one,
                   L22 + rows[p0] * D + rows[p0], &ld_i)
 
+    # ---- heavy levels (panels spanning much of the dense block): scattered into dense
+    # columns, hchunk levels at a time, then one rank-K update of all of L22 each
+    h0 = 0
+    while h0 < nheavy:
+        h1 = min(nheavy, h0 + hchunk)
+        K = k1 * (h1 - h0)
+        for a in range(D * K):
+            hbuf[a] = 0.0
+        for bi in range(h0, h1):
+            j = heavy[bi]
+            v = L21 + indptr[j] * k1
+            for t in range(indptr[j + 1] - indptr[j]):
+                r = rows[indptr[j] + t]
+                for c in range(k1):
+                    hbuf[r * K + (bi - h0) * k1 + c] = v[t * k1 + c]
+        n_i = <int>D
+        k_i = <int>K
+        dsyrk(&uplo, &tr, &n_i, &k_i, &mone, hbuf, &k_i, &one, L22, &n_i)
+        h0 = h1
+
     if tptr != NULL:
         # ---- the single-level downdates row by row of L22 (the transposed pattern): each
         # row's sum builds in a cache-resident accumulator and L22 is written in order, where
@@ -249,7 +270,7 @@ cdef int update_blocked_core(
                 acc[u] = 0.0
             for t in range(tptr[r], tptr[r + 1]):
                 j = tlev[t]
-                if batch_size(batch, nbatch, j) > 1:
+                if (hflag != NULL and hflag[j]) or batch_size(batch, nbatch, j) > 1:
                     continue
                 p1 = tidx[t]
                 v = L21 + p1 * k1
@@ -284,7 +305,8 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                    const double[::1] rscale, const cnp.int64_t[::1] rk,
                    const cnp.int64_t[::1] rtoff, const double[::1] Tflat,
                    double[:, :, ::1] L11_out, double[:, ::1] L21_out, double[:, ::1] L22_out,
-                   const cnp.int64_t[::1] batch=None):
+                   const cnp.int64_t[::1] batch=None, bint check_only=False,
+                   const cnp.int64_t[::1] heavy=None):
     """Factor Ω(θ) = L L' in the blocked layout (see the module docstring).
 
     Parameters
@@ -310,6 +332,12 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
         Level boundaries ``0 = b_0 < ... < b_B = m1``; the levels of a batch with more
         than one level must share one contiguous run of rows (see
         ``blocks.BlockedCrossprod.batch``), and their downdates go in one rank-k update.
+    check_only : bool
+        Validate the arguments (shapes, row indices, batches) and return 0 without
+        factoring.
+    heavy : int64 array, optional
+        Ascending levels (each alone in its batch) whose downdates go through dense
+        rank-k updates of the whole block (``blocks.BlockedCrossprod.heavy``).
 
     Returns
     -------
@@ -333,6 +361,19 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
         raise ValueError("L22_out has the wrong shape")
     if m1 > 0 and (indptr[0] != 0 or indptr[m1] != rows.shape[0]):
         raise ValueError("indptr must run from 0 to len(rows)")
+    cdef Py_ssize_t t
+    cdef bint bad = False
+    with nogil:
+        for j in range(m1):
+            if indptr[j + 1] < indptr[j]:
+                bad = True
+                break
+            for t in range(indptr[j], indptr[j + 1]):
+                if rows[t] < 0 or rows[t] >= D or (t > indptr[j] and rows[t] <= rows[t - 1]):
+                    bad = True
+                    break
+    if bad:
+        raise ValueError("each level's rows must be ascending indices into the dense block")
     cdef int info
     cdef const double* a21p = &A21[0, 0] if A21.shape[0] > 0 else NULL
     cdef double* l21p = &L21_out[0, 0] if L21_out.shape[0] > 0 else NULL
@@ -355,16 +396,55 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                         or rows[indptr[j + 1] - 1] - rows[indptr[j]] != indptr[j + 1] - indptr[j] - 1):
                     raise ValueError("levels of a batch must share one contiguous run of rows")
             wmax = max(wmax, (indptr[batch[bi] + 1] - indptr[batch[bi]]) * k1 * (batch[bi + 1] - batch[bi]))
+    hflag_arr, hchunk, hb = _heavy_setup(heavy, batch, m1, k1, D)
+    if check_only:
+        return 0
     wb = np.empty(wmax)
     cdef double[::1] wbv = wb
+    cdef const char[::1] hfv = hflag_arr
+    cdef double[::1] hbv = hb
+    cdef Py_ssize_t nheavy = heavy.shape[0] if heavy is not None else 0
+    cdef Py_ssize_t hch = hchunk
     with nogil:
         info = update_blocked_core(&A11[0, 0, 0], m1, k1, &T1[0, 0], &indptr[0], rowsp,
                                    a21p, &A22[0, 0], D, nz, &rscale[0], &rk[0], &rtoff[0],
                                    &Tflat[0], &batch[0], nbatch,
                                    &L11_out[0, 0, 0], l21p, &L22_out[0, 0],
                                    &bufv[0] if nrmax * k1 >= BLAS_MIN else NULL, &wbv[0],
-                                   NULL, NULL, NULL, NULL)
+                                   NULL, NULL, NULL, NULL,
+                                   &heavy[0] if nheavy > 0 else NULL, nheavy,
+                                   &hfv[0] if nheavy > 0 else NULL, &hbv[0], hch)
     return info
+
+
+def _heavy_setup(heavy, batch, Py_ssize_t m1, Py_ssize_t k1, Py_ssize_t D):
+    """Validate the heavy levels; return (per-level flags, levels per chunk, chunk buffer)."""
+    flags = np.zeros(max(m1, 1), dtype=np.int8)
+    if heavy is None or len(heavy) == 0:
+        return flags, 1, np.empty(1)
+    h = np.asarray(heavy)
+    if h.ndim != 1 or np.any(h < 0) or np.any(h >= m1) or np.any(np.diff(h) <= 0):
+        raise ValueError("heavy must be ascending level indices")
+    b = np.asarray(batch)
+    single = np.zeros(m1, dtype=bool)
+    single[b[:len(b) - 1][np.diff(b) == 1]] = True
+    if not single[h].all():
+        raise ValueError("heavy levels must each be alone in their batch")
+    flags[h] = 1
+    # chunks of dense columns up to 32 MB (at least one level)
+    hchunk = int(max(1, min(len(h), (1 << 22) // max(D * k1, 1))))
+    return flags, hchunk, np.empty(D * k1 * hchunk)
+
+
+def symmetrize_lower(double[:, ::1] A):
+    """Copy the strict lower triangle of the square ``A`` onto its upper triangle, in place."""
+    cdef Py_ssize_t n = A.shape[0], r, c
+    if A.shape[1] != n:
+        raise ValueError("A must be square")
+    with nogil:
+        for r in range(n):
+            for c in range(r):
+                A[c, r] = A[r, c]
 
 
 def logdets(const double[:, :, ::1] L11, const double[:, ::1] L22, Py_ssize_t nz):
@@ -595,8 +675,12 @@ cdef class BlockedFactor:
     cdef double[:, :, ::1] L11v
     cdef double[:, ::1] L21v, L22v, T1v
     cdef double[::1] rsv, tfv, bufv, wbufv, thv
-    cdef Py_ssize_t m1, k1, D, nz, nbatch, n, p
+    cdef Py_ssize_t m1, k1, D, nz, nbatch, n, p, nheavy, hchunk
     cdef bint use_buf
+    cdef object heavy_arr, hflag_arr, hbuf
+    cdef const cnp.int64_t[::1] heavyv
+    cdef const char[::1] hflagv
+    cdef double[::1] hbufv
 
     def __init__(self, xp):
         self.xp = xp
@@ -606,10 +690,19 @@ cdef class BlockedFactor:
         self.T1 = np.zeros((xp.k1, xp.k1))
         self.rscale = np.ones(xp.D)
         self.Tflat = np.zeros(max(len(xp.tflat_index), 1))
-        # one validating call of the checked wrapper, at θ = lme4's start shape (all ones)
-        update_blocked(xp.A11, self.T1 + np.eye(xp.k1), xp.indptr, xp.rows, xp.A21, xp.A22,
+        # the checked wrapper validates the cross-products once (no factorization)
+        heavy = getattr(xp, "heavy", None)
+        if heavy is None:
+            heavy = np.zeros(0, dtype=np.int64)
+        update_blocked(xp.A11, self.T1, xp.indptr, xp.rows, xp.A21, xp.A22,
                        xp.nz, self.rscale, xp.rk, xp.rtoff, self.Tflat, self.L11, self.L21,
-                       self.L22, xp.batch)
+                       self.L22, xp.batch, check_only=True, heavy=heavy)
+        self.heavy_arr = np.ascontiguousarray(heavy, dtype=np.int64)
+        self.hflag_arr, self.hchunk, self.hbuf = _heavy_setup(self.heavy_arr, xp.batch, xp.m1,
+                                                              xp.k1, xp.A22.shape[0])
+        self.nheavy = len(self.heavy_arr)
+        self.heavyv = self.heavy_arr if self.nheavy else np.zeros(1, dtype=np.int64)
+        self.hflagv, self.hbufv = self.hflag_arr, self.hbuf
         self.A11, self.A21, self.A22 = xp.A11, xp.A21, xp.A22
         self.indptr, self.rows, self.rk, self.rtoff, self.batch = xp.indptr, xp.rows, xp.rk, xp.rtoff, xp.batch
         self.rs_index, self.t1_index, self.tflat_index = xp.rs_index, xp.t1_index, xp.tflat_index
@@ -630,8 +723,13 @@ cdef class BlockedFactor:
         self.transposed = xp.tptr is not None
         if self.transposed:
             self.tptr, self.tidx, self.tlev = xp.tptr, xp.tidx, xp.tlev
-            if (self.tptr.shape[0] != self.D + 1 or self.tidx.shape[0] != self.rows.shape[0]
-                    or self.tlev.shape[0] != self.rows.shape[0]):
+            tp, ti, tl = np.asarray(xp.tptr), np.asarray(xp.tidx), np.asarray(xp.tlev)
+            if (len(tp) != self.D + 1 or len(ti) > self.rows.shape[0] or len(tl) != len(ti)
+                    or tp[0] != 0 or tp[-1] != len(ti) or np.any(np.diff(tp) < 0)
+                    or (len(ti) and (ti.min() < 0 or ti.max() >= self.rows.shape[0]
+                                     or tl.min() < 0 or tl.max() >= self.m1
+                                     or np.any(np.asarray(xp.indptr)[tl] > ti)
+                                     or np.any(np.asarray(xp.indptr)[tl + 1] <= ti)))):
                 raise ValueError("transposed pattern does not match the panels")
         self.acc = np.zeros(self.D)
         self.accv = self.acc
@@ -669,7 +767,9 @@ cdef class BlockedFactor:
                 &self.bufv[0] if self.use_buf else NULL, &self.wbufv[0],
                 &self.tptr[0] if self.transposed else NULL,
                 &self.tidx[0] if self.transposed else NULL,
-                &self.tlev[0] if self.transposed else NULL, &self.accv[0])
+                &self.tlev[0] if self.transposed else NULL, &self.accv[0],
+                &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
+                &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk)
         return info
 
     def solve_dense(self):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _pls
+
 __all__ = ["BlockedCrossprod"]
 
 
@@ -30,9 +32,15 @@ class BlockedCrossprod:
     transposed : bool, optional
         Downdate the dense block row by row through the transposed panel pattern
         (default: when the dense block exceeds 4 MiB, i.e. no longer fits the cache).
+    heavy_rows : int, optional
+        Levels of term 1 whose panel has more rows than this (and is not in a batch) are
+        "heavy": their downdates go together through dense rank-k updates (dsyrk) of the
+        whole dense block instead of one scattered update each.  Default D / 8, where a
+        scattered update of r² entries (memory bound) costs about what a dense column of
+        a D² rank-k update does.
     """
 
-    def __init__(self, terms, X, y, theta_offsets, transposed=None):
+    def __init__(self, terms, X, y, theta_offsets, transposed=None, heavy_rows=None):
         t1, rest = terms[0], terms[1:]
         n, p = X.shape
         self.m1, self.k1 = t1.nlevels, t1.k
@@ -61,16 +69,29 @@ class BlockedCrossprod:
         self.A22 = self._dense_block(rest, offs, Xy, nz, D)
         self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, Xy, nz, D)
         self.batch = self._batches(self.indptr, self.rows)
+        nr = np.diff(self.indptr)
+        single = np.zeros(self.m1, dtype=bool)
+        bsize = np.diff(self.batch)
+        single[self.batch[:-1][bsize == 1]] = True
+        if heavy_rows is None:   # and big enough for BLAS to pay
+            heavy = single & (nr > max(D // 8, 1)) & (nr * self.k1 >= 256)
+        else:
+            heavy = single & (nr > heavy_rows)
+        self.heavy = np.flatnonzero(heavy).astype(np.int64)
         # Row-wise (transposed) downdate when L22 is too big for the cache (see _pls).
         if transposed is None:
             transposed = D * D * 8 > 4 * 2 ** 20
         self.tptr = self.tidx = self.tlev = None
         if transposed and len(self.rows):
-            order = np.argsort(self.rows, kind="stable")     # by row, levels ascending
+            lev = np.repeat(np.arange(self.m1, dtype=np.int64), nr)
+            light = np.ones(self.m1, dtype=bool)
+            light[self.heavy] = False
+            keep = np.flatnonzero(light[lev])             # heavy levels go through dsyrk
+            order = keep[np.argsort(self.rows[keep], kind="stable")]   # by row, levels ascending
             self.tidx = order.astype(np.int64)
-            self.tlev = np.repeat(np.arange(self.m1, dtype=np.int64), np.diff(self.indptr))[order]
+            self.tlev = lev[order]
             self.tptr = np.zeros(D + 1, dtype=np.int64)
-            np.cumsum(np.bincount(self.rows, minlength=D), out=self.tptr[1:])
+            np.cumsum(np.bincount(self.rows[keep], minlength=D), out=self.tptr[1:])
 
         # ---- static description of Λ on the dense block (see update_blocked)
         self.rk = np.ones(D, dtype=np.int64)
@@ -117,8 +138,7 @@ class BlockedCrossprod:
                     for b in range(tl.k):
                         A22[ol + ll * tl.k + b, oi + li * ki + a] = np.bincount(
                             inv, weights=ti.X[:, a] * tl.X[:, b], minlength=len(pairs))
-        iu = np.triu_indices(D, 1)
-        A22[iu] = A22.T[iu]                            # symmetrise from the lower triangle
+        _pls.symmetrize_lower(A22)                     # symmetrise from the lower triangle
         return A22
 
     @staticmethod

@@ -126,34 +126,45 @@ class LinearMixedModel:
 
     # ------------------------------------------------------------------ fitting
     def moment_start(self) -> np.ndarray:
-        """A method-of-moments starting θ for the random-intercept terms.
+        """A method-of-moments starting θ.
 
-        For each ``(1 | g)`` term, with e the OLS residuals of y on X: θ = sqrt(max(v_b,
-        0.01 s_w²) / s_w²), where v_b is the level-size weighted mean square of the group
-        means of e less its sampling part (s_w² × levels / n) and s_w² the within-group
-        variance of e.  Other terms keep lme4's start (T = I).
+        All terms are fitted as fixed effects to the OLS residuals of y on X, level by
+        level and jointly (a few backfitting sweeps; :class:`_LevelFit`).  For each term,
+        σ² T T' is estimated by the level-size weighted covariance of its effects less
+        their mean sampling covariance s² A_j⁻¹ (s²: the residual variance of that fit);
+        for ``(1 | g)`` this is θ² = (v_b − s² m / n) / s², v_b the weighted mean square
+        of the level effects.  Eigenvalues are floored at 0.01.  A term with too few
+        identifiable levels keeps lme4's start (T = I).
         """
         return self._moments()[0]
 
-    def _moments(self):
+    def _moments(self, sweeps: int = 3):
         """(moment start θ, mask of the elements it estimated)."""
         beta, *_ = np.linalg.lstsq(self.X, self.y, rcond=None)
-        e = self.y - self.X @ beta
-        n = len(e)
+        r = self.y - self.X @ beta
+        n = len(r)
         th = self.theta_start.copy()
         est = np.zeros(len(th), dtype=bool)
-        for t, off in zip(self.terms, self.theta_offsets):
-            if t.k != 1 or t.cnames != ["(Intercept)"]:
-                continue
-            cnt = np.bincount(t.codes, minlength=t.nlevels)
-            mean = np.bincount(t.codes, weights=e, minlength=t.nlevels) / np.maximum(cnt, 1)
-            within = e - mean[t.codes]
-            sw = within @ within / max(n - t.nlevels, 1)
-            if not sw > 0:
-                continue
-            vb = np.average(mean ** 2, weights=cnt) - sw * t.nlevels / n
-            th[off] = np.sqrt(max(vb, 0.01 * sw) / sw)
-            est[off] = True
+        fits = [_LevelFit(t) for t in self.terms]
+        use = [f for f in fits if f.usable]
+        if not use:
+            return th, est
+        # The terms as fixed effects (per-level least squares), fitted jointly by
+        # backfitting: with crossed factors each one's level means also carry the others'
+        # effects, and the residual variance left after one factor alone is inflated by the rest.
+        for _ in range(sweeps if len(use) > 1 else 1):
+            for f in use:
+                r += f.rows(f.eff)
+                f.eff = f.solve(r)
+                r -= f.rows(f.eff)
+        dof = n - self.p - sum(f.nfree for f in use)
+        s2 = float(r @ r) / max(dof, 1)
+        if not s2 > 0:
+            return th, est
+        for t, off, f in zip(self.terms, self.theta_offsets, fits):
+            if f.usable:
+                th[off: off + t.ntheta] = f.theta(s2)
+                est[off: off + t.ntheta] = True
         return th, est
 
     def fit(self, optimizer: str = "auto", start="auto", verbose: bool = False, callback=None,
@@ -228,14 +239,68 @@ class LinearMixedModel:
                 f"terms={[str(t.bar) for t in self.terms]}, REML={self.REML})")
 
 
-def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25) -> str:
+class _LevelFit:
+    """One term's effects fitted as fixed effects, level by level (for :meth:`moment_start`).
+
+    Level j's effect is the least-squares fit of the current residual on the term's k
+    columns over its rows: A_j⁻¹ b_j with A_j = X_j'X_j; levels whose A_j is singular
+    (fewer rows than columns, or collinear) keep a zero effect.
+    """
+
+    def __init__(self, t):
+        k, m = t.k, t.nlevels
+        self.t = t
+        A = np.empty((m, k, k))
+        for a in range(k):
+            for c in range(a + 1):
+                v = np.bincount(t.codes, weights=t.X[:, a] * t.X[:, c], minlength=m)
+                A[:, a, c] = v
+                A[:, c, a] = v
+        w = np.linalg.eigvalsh(A)
+        self.ok = w[:, 0] > 1e-8 * np.maximum(w[:, -1], 1e-300)
+        self.Ainv = np.zeros_like(A)
+        if self.ok.any():
+            self.Ainv[self.ok] = np.linalg.inv(A[self.ok])
+        self.cnt = np.bincount(t.codes, minlength=m).astype(float)
+        self.usable = int(self.ok.sum()) > k
+        # parameters beyond those X already has (the term's columns are, as usual, in X)
+        self.nfree = (int(self.ok.sum()) - 1) * k
+        self.eff = np.zeros((m, k))
+
+    def solve(self, r):
+        t = self.t
+        b = np.column_stack([np.bincount(t.codes, weights=t.X[:, a] * r, minlength=t.nlevels)
+                             for a in range(t.k)])
+        return np.einsum("jab,jb->ja", self.Ainv, b)
+
+    def rows(self, eff):
+        return np.einsum("rk,rk->r", self.t.X, eff[self.t.codes])
+
+    def theta(self, s2: float, floor: float = 0.01) -> np.ndarray:
+        """θ of the term: the level-size weighted covariance of the effects less their mean
+        sampling covariance s² A_j⁻¹, over s², eigenvalues floored at ``floor``."""
+        k = self.t.k
+        wts = self.cnt[self.ok] / self.cnt[self.ok].sum()
+        eff = self.eff[self.ok]
+        dev = eff - wts @ eff
+        S = np.einsum("j,ja,jb->ab", wts, dev, dev)
+        V = s2 * np.einsum("j,jab->ab", wts, self.Ainv[self.ok])
+        ev, Q = np.linalg.eigh((S - V) / s2)
+        T = np.linalg.cholesky((Q * np.maximum(ev, floor)) @ Q.T)
+        return np.array([T[i, j] for j in range(k) for i in range(j, k)])
+
+
+def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25,
+                  sample: int = 256) -> str:
     """Pick the factorization: ``"blocked"`` or ``"cholmod"``.
 
     The blocked method costs about D³/3 flops per θ for its dense block of size
     D = Σ_{i>1} q_i + p + 1.  Below ``dense_limit`` that is always cheap.  Above it, the
-    pattern of the dense block's random-effects part after eliminating the first term
-    (Z_r'Z_r plus the fill from Z_r'Z_1 Z_1'Z_r) tells whether the structure stays sparse
-    (nested or partially crossed factors): then CHOLMOD wins.
+    density of the dense block's random-effects part after eliminating the first term
+    (the pattern of Z_r'Z_r plus the fill Z_r'Z_1 Z_1'Z_r) tells whether the structure
+    stays sparse (nested or partially crossed factors): then CHOLMOD wins.  The density
+    is measured on ``sample`` random columns of that pattern (seeded; exact when there
+    are fewer columns), so the choice costs a fraction of one product.
     """
     import scipy.sparse as sp
 
@@ -246,14 +311,19 @@ def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25)
     if D > 20000:
         return "cholmod"
     n = len(terms[0].codes)
-    ones = np.ones(n)
-    Z1 = sp.csc_matrix((ones, (np.arange(n), terms[0].codes)), shape=(n, terms[0].nlevels))
+    ones = np.ones(n, dtype=np.float32)
+    Z1 = sp.csr_matrix((ones, (np.arange(n), terms[0].codes)), shape=(n, terms[0].nlevels))
     Zr = sp.hstack([sp.csc_matrix((ones, (np.arange(n), t.codes)), shape=(n, t.nlevels))
                     for t in terms[1:]], format="csc")
-    B = (Z1.T @ Zr).tocsc()
-    S = (B.T @ B + Zr.T @ Zr)
-    nlev = S.shape[0]
-    return "blocked" if S.nnz > density * nlev * nlev else "cholmod"
+    nlev = Zr.shape[1]
+    cols = np.arange(nlev)
+    if nlev > sample:
+        cols = np.sort(np.random.default_rng(0).choice(nlev, sample, replace=False))
+    Zs = Zr[:, cols]
+    B = (Z1.T @ Zr).tocsr()                       # first-term levels × rest levels
+    Bs = (Z1.T @ Zs).tocsc()
+    S = Bs.T @ B + Zs.T @ Zr                      # the sampled rows of the pattern
+    return "blocked" if S.nnz > density * len(cols) * nlev else "cholmod"
 
 
 def lmer(formula: str, data, REML: bool = True, **fit_kwargs):

@@ -135,15 +135,25 @@ def _finish(summ, fn, f, x, fx, lower, code, codes, t0):
     return summ
 
 
-def minimize_lbfgs(fg, x0, lower, *, gtol=1e-5, ftol=1e-15, maxeval=100000,
-                   probe_step=1e-3, verbose=False, callback=None):
+class _Stalled(Exception):
+    """Raised inside the objective to end a descent stuck at the rounding level."""
+
+
+def minimize_lbfgs(fg, x0, lower, *, gtol=None, ftol=1e-15, maxeval=100000,
+                   probe_step=1e-3, stall_evals=8, stall_rel=1e-13, verbose=False,
+                   callback=None):
     """Minimise with L-BFGS-B using the analytic gradient (``fg(θ) -> (f, ∇f)``).
 
     Stops when the projected gradient's largest component is below ``gtol`` or the
-    relative decrease below ``ftol``.  Where it stops with diagonal elements of T at 0,
-    one evaluation ``probe_step`` inside the bound decides whether to restart from there.  A line search that cannot improve further at
-    the optimum (floating-point limit) counts as converged when the projected gradient
-    is small.
+    relative decrease below ``ftol``.  ``gtol`` defaults to 1e-10 × max(|f(θ₀)|, 10⁵):
+    1e-5 on objectives up to 10⁵, growing with the objective beyond that, where rounding
+    in the gradient of a sum over millions of rows is of that order.  A line search that
+    cannot improve further at the optimum (floating-point limit) counts as converged when
+    the projected gradient is small, and so does a descent whose last ``stall_evals``
+    evaluations improved on the best objective by less than ``stall_rel`` (relative): on
+    large data the line search can otherwise spend dozens of evaluations on rounding noise.
+    Where it stops with diagonal elements of T at 0, one evaluation ``probe_step`` inside
+    the bound decides whether to restart from there.
     """
     import scipy.optimize as so
 
@@ -158,22 +168,50 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=1e-5, ftol=1e-15, maxeval=100000,
 
     f = _Counted(fonly, verbose, callback)
 
+    stall = {"n": 0, "f": math.inf, "x": None, "g": None}
+
     def fgc(x):
-        val, g = fg(np.asarray(x, dtype=float))
-        f.record(x, val)
-        last["x"], last["g"] = np.array(x, dtype=float), g
+        x = np.asarray(x, dtype=float)
+        if "x" in last and np.array_equal(last["x"], x):     # scipy re-asks for θ₀
+            val, g = last["f"], last["g"]
+        else:
+            val, g = fg(x)
+            f.record(x, val)
+            last["x"], last["f"], last["g"] = x.copy(), val, g
+            # the rounding floor: line searches that no longer improve the objective by
+            # more than its rounding error, evaluation after evaluation, end the descent
+            if val < stall["f"] - stall_rel * max(1.0, abs(stall["f"])):
+                stall["n"] = 0
+            else:
+                stall["n"] += 1
+            if val < stall["f"]:
+                stall["f"], stall["x"], stall["g"] = val, x.copy(), g
+            if stall["n"] >= stall_evals:
+                raise _Stalled
         if not np.isfinite(val):
             return 1e300, np.zeros_like(x)
         return val, g
 
+    def descend(start):
+        stall["n"] = 0
+        try:
+            return so.minimize(fgc, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                               options=dict(ftol=ftol, gtol=gtol, maxcor=20,
+                                            maxfun=max(1, int(maxeval) - f.n),
+                                            maxiter=int(maxeval)))
+        except _Stalled:
+            return so.OptimizeResult(x=stall["x"], fun=stall["f"], jac=stall["g"], success=True,
+                                     status=0, message="STALLED AT THE ROUNDING LEVEL")
+
+    if gtol is None:
+        f0 = fgc(x0)[0]
+        gtol = 1e-10 * max(abs(f0) if f0 < 1e300 else 0.0, 1e5)
     t0 = time.perf_counter()
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
     start = x0
     x = fx = r = None
     for attempt in range(4):
-        rr = so.minimize(fgc, start, jac=True, method="L-BFGS-B", bounds=bounds,
-                         options=dict(ftol=ftol, gtol=gtol, maxcor=20,
-                                      maxfun=max(1, int(maxeval) - f.n), maxiter=int(maxeval)))
+        rr = descend(start)
         if r is None or rr.fun < fx - 1e-10 * max(1.0, abs(fx)):
             r, x, fx = rr, np.asarray(rr.x, dtype=float), float(rr.fun)
         elif attempt:
@@ -187,6 +225,7 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=1e-5, ftol=1e-15, maxeval=100000,
         if not edge.any() or f.n >= maxeval:
             break
         probe = np.where(edge, lower + probe_step, x)
+        stall["n"] = 0
         fp, gp = fgc(probe)
         inward = edge & (np.asarray(gp) < 0)
         if fp >= fx and not inward.any():

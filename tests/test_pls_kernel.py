@@ -232,6 +232,13 @@ def test_valid_arguments_succeed():
     assert _call(_valid_args()) == 0
 
 
+def test_check_only_validates_without_writing():
+    args = _valid_args()
+    args["L22_out"][:] = 7.0
+    assert _pls.update_blocked(*[args[k] for k in ORDER], check_only=True) == 0
+    assert np.all(args["L22_out"] == 7.0)
+
+
 BAD = [  # (test id, argument, replacement built from the valid arguments)
     ("A11_blocks_not_square", "A11", lambda a: np.zeros((a["A11"].shape[0], 2, 3))),
     ("T1_wrong_size", "T1", lambda a: np.eye(3)),
@@ -250,6 +257,10 @@ BAD = [  # (test id, argument, replacement built from the valid arguments)
     ("L11_out_shape", "L11_out", lambda a: np.zeros((a["A11"].shape[0] + 1, 2, 2))),
     ("L21_out_shape", "L21_out", lambda a: np.zeros((a["A21"].shape[0] + 1, 2))),
     ("L22_out_shape", "L22_out", lambda a: np.zeros((a["A22"].shape[0] - 1, a["A22"].shape[0] - 1))),
+    ("rows_past_the_block", "rows", lambda a: np.where(np.arange(a["rows"].size) == a["rows"].size - 1,
+                                                         a["A22"].shape[0], a["rows"])),
+    ("rows_negative", "rows", lambda a: np.where(np.arange(a["rows"].size) == 0, -1, a["rows"])),
+    ("rows_not_ascending", "rows", lambda a: np.ascontiguousarray(a["rows"][::-1])),
 ]
 
 
@@ -320,3 +331,44 @@ def test_transposed_downdate_matches_per_level_and_dense(formula):
     Z, X, y = dense_parts(model)
     Lam = dense_lambda(model.terms, theta, model.theta_offsets)
     assert fb == pytest.approx(dense_objective(Z, X, y, Lam, True), rel=1e-9)
+
+
+def test_symmetrize_lower_matches_numpy():
+    rng = np.random.default_rng(5)
+    A = rng.normal(size=(37, 37))
+    ref = np.tril(A) + np.tril(A, -1).T
+    _pls.symmetrize_lower(A)
+    np.testing.assert_array_equal(A, ref)
+    with pytest.raises(ValueError):
+        _pls.symmetrize_lower(np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("formula", ["y ~ 1 + x + (1|g1) + (1 + x|g2)", "y ~ 1 + x + (1 + x|g1) + (1|g2)"])
+def test_heavy_levels_dense_update_matches_scattered_and_dense(formula, transposed):
+    """Levels whose downdates go through one dense rank-k update (heavy) give the same
+    factor as the per-level scattered downdates, and the objective the dense oracle's."""
+    import lmmfast
+
+    df, _ = lmmfast.simulate.crossed(4000, 60, 30, slope=True, seed=4)
+    model = LinearMixedModel(formula, df, REML=False, method="blocked")
+    theta = np.abs(np.random.default_rng(8).normal(size=model.ntheta)) + 0.2
+    args = (model.terms, model.X, model.y, model.theta_offsets)
+    a = BlockedPLS(BlockedCrossprod(*args, transposed=transposed, heavy_rows=10 ** 9))
+    xb = BlockedCrossprod(*args, transposed=transposed, heavy_rows=20)
+    assert 0 < len(xb.heavy) < xb.m1                  # some heavy, some not
+    b = BlockedPLS(xb)
+    fa, fb = a.objective(theta, False), b.objective(theta, False)
+    np.testing.assert_allclose(np.tril(b.L22), np.tril(a.L22), rtol=1e-10, atol=1e-10)
+    assert fb == pytest.approx(fa, rel=1e-12)
+    Z = np.column_stack([t.Z().toarray() for t in model.terms])
+    Lam = dense_lambda(model.terms, theta, model.theta_offsets)
+    assert fb == pytest.approx(dense_objective(Z, model.X, model.y, Lam, False), rel=1e-9)
+
+
+def test_wrapper_rejects_bad_heavy_levels():
+    args = _valid_args()
+    m1 = args["A11"].shape[0]
+    for heavy in ([m1], [-1], [1, 0]):
+        with pytest.raises(ValueError, match="heavy"):
+            _pls.update_blocked(*[args[k] for k in ORDER], heavy=np.array(heavy, dtype=np.int64))
