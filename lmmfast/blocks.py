@@ -18,6 +18,7 @@ from . import _pls
 __all__ = ["BlockedCrossprod"]
 
 
+
 class BlockedCrossprod:
     """The stored cross-products and the static description of Λ on the dense block.
 
@@ -131,13 +132,11 @@ class BlockedCrossprod:
                     A22[nz + c, start + a] = np.bincount(
                         ti.codes, weights=ti.X[:, a] * Xy[:, c], minlength=mi)
             for tl, ol in zip(rest[i + 1:], offs[i + 1:]):   # Z_l'Z_i, later terms l
-                pairs, inv = np.unique(ti.codes * tl.nlevels + tl.codes, return_inverse=True)
-                inv = inv.ravel()
-                li, ll = np.divmod(pairs, tl.nlevels)
+                li, ll, inv = ti.pairs(tl)
                 for a in range(ki):
                     for b in range(tl.k):
                         A22[ol + ll * tl.k + b, oi + li * ki + a] = np.bincount(
-                            inv, weights=ti.X[:, a] * tl.X[:, b], minlength=len(pairs))
+                            inv, weights=ti.X[:, a] * tl.X[:, b], minlength=len(li))
         _pls.symmetrize_lower(A22)                     # symmetrise from the lower triangle
         return A22
 
@@ -150,13 +149,11 @@ class BlockedCrossprod:
         m1, k1 = t1.nlevels, t1.k
         keys, vals = [], []
         for ti, oi in zip(rest, offs):
-            pairs, inv = np.unique(t1.codes * ti.nlevels + ti.codes, return_inverse=True)
-            inv = inv.ravel()
-            j, lev = np.divmod(pairs, ti.nlevels)
+            j, lev, inv = t1.pairs(ti)
             for a in range(ti.k):
                 keys.append(j * D + oi + lev * ti.k + a)
                 vals.append(np.column_stack([
-                    np.bincount(inv, weights=ti.X[:, a] * t1.X[:, c], minlength=len(pairs))
+                    np.bincount(inv, weights=ti.X[:, a] * t1.X[:, c], minlength=len(j))
                     for c in range(k1)]))
         for c in range(Xy.shape[1]):
             keys.append(np.arange(m1, dtype=np.int64) * D + nz + c)

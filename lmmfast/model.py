@@ -85,6 +85,8 @@ class LinearMixedModel:
             self.pls = SparsePLS(self.terms, self.X, self.y, offs)
         else:
             self.pls = BlockedPLS(BlockedCrossprod(self.terms, self.X, self.y, offs))
+        for t in self.terms:
+            t.forget_pairs()
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -304,25 +306,34 @@ def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25,
     """
     import scipy.sparse as sp
 
+    from ._remat import pair_codes
+
     nz = sum(t.q for t in terms[1:])
     D = nz + p + 1
     if D <= dense_limit or not cholmod_available():
         return "blocked"
     if D > 20000:
         return "cholmod"
-    n = len(terms[0].codes)
-    ones = np.ones(n, dtype=np.float32)
-    Z1 = sp.csr_matrix((ones, (np.arange(n), terms[0].codes)), shape=(n, terms[0].nlevels))
-    Zr = sp.hstack([sp.csc_matrix((ones, (np.arange(n), t.codes)), shape=(n, t.nlevels))
-                    for t in terms[1:]], format="csc")
-    nlev = Zr.shape[1]
+    m1 = terms[0].nlevels
+    rest = terms[1:]
+    offs = np.cumsum([0] + [t.nlevels for t in rest])
+    nlev = int(offs[-1])
+
+    def pattern(rows, cols, nrow):            # 0/1 matrix of (row, col) pairs
+        return sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(nrow, nlev))
+
+    # first-term levels × later levels (the pairs the cross-products reuse), and the
+    # later levels' own pattern Z_r'Z_r (diagonal within a term)
+    B = sum(pattern(pa, pb + o, m1) for (pa, pb, _), o in ((terms[0].pairs(t), o) for t, o in zip(rest, offs)))
+    R = pattern(np.arange(nlev), np.arange(nlev), nlev)
+    for i, (ti, oi) in enumerate(zip(rest, offs)):
+        for tl, ol in zip(rest[i + 1:], offs[i + 1:]):
+            pa, pb, _ = pair_codes(ti.codes, ti.nlevels, tl.codes, tl.nlevels)
+            R = R + pattern(pa + oi, pb + ol, nlev) + pattern(pb + ol, pa + oi, nlev)
     cols = np.arange(nlev)
     if nlev > sample:
         cols = np.sort(np.random.default_rng(0).choice(nlev, sample, replace=False))
-    Zs = Zr[:, cols]
-    B = (Z1.T @ Zr).tocsr()                       # first-term levels × rest levels
-    Bs = (Z1.T @ Zs).tocsc()
-    S = Bs.T @ B + Zs.T @ Zr                      # the sampled rows of the pattern
+    S = B[:, cols].T @ B + R[cols, :]         # the sampled rows of the pattern
     return "blocked" if S.nnz > density * len(cols) * nlev else "cholmod"
 
 

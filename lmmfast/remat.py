@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from ._remat import pair_codes
 from .errors import DataError, FormulaError, MissingColumnError
 
 __all__ = ["ReTerm", "lme4_name", "factor_codes", "grouping_factor", "order_terms"]
@@ -36,7 +37,9 @@ def factor_codes(col: pd.Series):
     (unused categories dropped).
     """
     if isinstance(col.dtype, pd.CategoricalDtype):
-        col = col.cat.remove_unused_categories()
+        from .fixed import drop_unused_categories
+
+        col = drop_unused_categories(col)
         cats = col.cat.categories
         return col.cat.codes.to_numpy(np.int64), [str(c) for c in cats], cats
     values = col.to_numpy()
@@ -76,10 +79,11 @@ def grouping_factor(frame: pd.DataFrame, factors: tuple, term: str):
         if codes is None:
             codes, labels = c, np.asarray(lab, dtype=object)
             continue
-        uniq, codes = np.unique(codes * len(lab) + c, return_inverse=True)
+        pa, pb, codes = pair_codes(codes, len(labels), c, len(lab))
+        uniq = pa * len(lab) + pb
         steps.append(uniq)
         labels = np.array([f"{labels[u // len(lab)]}:{lab[u % len(lab)]}" for u in uniq], dtype=object)
-        codes = codes.astype(np.int64, copy=False).ravel()
+        codes = codes.astype(np.int64, copy=False)
     return codes, [str(x) for x in labels], GroupEncoder(tuple(factors), values, steps)
 
 
@@ -139,6 +143,19 @@ class ReTerm:
         self.X, self.cnames, self.spec = design(bar.lhs, frame, f"random-effects term {bar}")
         if self.X.shape[1] == 0:
             raise FormulaError(f"random-effects term {bar} has no columns")
+
+    def pairs(self, other: "ReTerm"):
+        """(levels of self, levels of other, each row's pair) of the distinct level pairs
+        that share a row, sorted (:func:`lmmfast._remat.pair_codes`).  Kept until
+        :meth:`forget_pairs`: the method choice and the cross-products both need them."""
+        cache = self.__dict__.setdefault("_pairs", {})
+        key = id(other)
+        if key not in cache:
+            cache[key] = pair_codes(self.codes, self.nlevels, other.codes, other.nlevels)
+        return cache[key]
+
+    def forget_pairs(self):
+        self.__dict__.pop("_pairs", None)
 
     @property
     def k(self) -> int:

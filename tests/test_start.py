@@ -35,3 +35,41 @@ def test_moment_start_floors_a_null_variance():
     df = pd.DataFrame({"g": np.repeat(list("abcdef"), 5), "y": np.tile([1.0, 2.0, 4.0, 7.0, 11.0], 6)})
     m = LinearMixedModel("y ~ 1 + (1 | g)", df)
     assert m.moment_start()[0] == pytest.approx(0.1)        # sqrt(0.01), the floor
+
+
+def _exact_density(terms):
+    """Density of Z_r'Z_r + (Z_1'Z_r)'(Z_1'Z_r) by dense indicator matrices (the oracle)."""
+    n = len(terms[0].codes)
+    Z1 = np.zeros((n, terms[0].nlevels))
+    Z1[np.arange(n), terms[0].codes] = 1
+    Zr = np.hstack([np.eye(t.nlevels)[t.codes] for t in terms[1:]])
+    B = Z1.T @ Zr
+    S = B.T @ B + Zr.T @ Zr
+    return np.count_nonzero(S) / S.size
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_method_choice_follows_the_density_of_the_dense_block(nested):
+    import pandas as pd
+
+    from lmmfast.model import choose_method
+    from lmmfast.sparsepls import cholmod_available
+
+    if not cholmod_available():
+        pytest.skip("scikit-sparse is not installed")
+    rng = np.random.default_rng(1)
+    n = 6000
+    if nested:   # classes within schools: eliminating classes leaves the school block diagonal
+        cls = rng.integers(0, 600, n)
+        df = pd.DataFrame({"a": cls, "b": cls // 4, "c": rng.integers(0, 40, n) + 1000 * (cls // 150)})
+    else:        # fully crossed
+        df = pd.DataFrame({"a": rng.integers(0, 600, n), "b": rng.integers(0, 150, n),
+                           "c": rng.integers(0, 40, n)})
+    df["y"] = rng.normal(size=n)
+    m = LinearMixedModel("y ~ 1 + (1|a) + (1|b) + (1|c)", df.astype({"a": str, "b": str, "c": str}),
+                         method="blocked")
+    dens = _exact_density(m.terms)
+    expect = "blocked" if dens > 0.25 else "cholmod"
+    assert (dens > 0.25) != nested
+    assert choose_method(m.terms, m.p, dense_limit=10) == expect                   # sampled
+    assert choose_method(m.terms, m.p, dense_limit=10, sample=10 ** 6) == expect   # exact
