@@ -25,12 +25,25 @@ released.  ``pls.dense_factor`` is its dense numpy oracle.
 import numpy as np
 cimport numpy as cnp
 from libc.math cimport sqrt, log, INFINITY, M_PI
+from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_lapack cimport dpotrf, dpotri
 from scipy.linalg.cython_blas cimport dsyrk, dgemm, dtrsv
 
 cnp.import_array()
 
 cdef double LOG2PI = log(2.0 * M_PI)
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #define LMMFAST_HAVE_OPENMP 1
+    #else
+    #define LMMFAST_HAVE_OPENMP 0
+    #endif
+    """
+    int LMMFAST_HAVE_OPENMP
+
+OPENMP = bool(LMMFAST_HAVE_OPENMP)   # built with OpenMP: the row-wise downdate runs threaded
 
 
 cdef int chol_small(double* a, Py_ssize_t k) noexcept nogil:
@@ -139,6 +152,45 @@ cdef void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows, const dou
             L22[r + rows[u]] -= s
 
 
+cdef void transposed_downdate(
+        double* L22, Py_ssize_t D, Py_ssize_t k1, const cnp.int64_t* indptr,
+        const cnp.int64_t* rows, const double* L21, const cnp.int64_t* tptr,
+        const cnp.int64_t* tidx, const cnp.int64_t* tlev, const cnp.int64_t* batch,
+        Py_ssize_t nbatch, const char* hflag, double* acc_all, int nthreads) noexcept nogil:
+    """The single-level downdates row by row of L22 (the transposed pattern).
+
+    Each row's sum builds in a cache-resident accumulator (one per thread) and L22 is
+    written in order, where per-level scatters into a large L22 miss the cache on nearly
+    every update.  Rows are independent: with OpenMP they are shared among ``nthreads``
+    threads (dynamic schedule: rows of frequent levels carry most of the work)."""
+    cdef Py_ssize_t r, u, t, j, p1, kk, c
+    cdef double s, vv
+    cdef double* acc
+    cdef const double* v
+    for r in prange(D, schedule="dynamic", chunksize=8, num_threads=nthreads):
+        acc = acc_all + threadid() * D
+        for u in range(r + 1):
+            acc[u] = 0.0
+        for t in range(tptr[r], tptr[r + 1]):
+            j = tlev[t]
+            if (hflag != NULL and hflag[j]) or batch_size(batch, nbatch, j) > 1:
+                continue
+            p1 = tidx[t]
+            v = L21 + p1 * k1
+            if k1 == 1:
+                vv = v[0]
+                for kk in range(indptr[j], p1 + 1):
+                    acc[rows[kk]] += vv * L21[kk]
+            else:
+                for kk in range(indptr[j], p1 + 1):
+                    s = 0.0
+                    for c in range(k1):
+                        s = s + v[c] * L21[kk * k1 + c]
+                    acc[rows[kk]] += s
+        for u in range(r + 1):
+            L22[r * D + u] -= acc[u]
+
+
 cdef inline Py_ssize_t batch_size(const cnp.int64_t* batch, Py_ssize_t nbatch,
                                   Py_ssize_t j) noexcept nogil:
     """Number of levels in the batch holding level j (batches are sorted runs)."""
@@ -161,7 +213,7 @@ cdef int update_blocked_core(
         double* L11, double* L21, double* L22, double* buf, double* wbuf,
         const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tlev,
         double* acc, const cnp.int64_t* heavy, Py_ssize_t nheavy, const char* hflag,
-        double* hbuf, Py_ssize_t hchunk) noexcept nogil:
+        double* hbuf, Py_ssize_t hchunk, int nthreads) noexcept nogil:
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
     cdef int k_i, ld_i
     cdef char tr = b'T'
@@ -262,25 +314,8 @@ cdef int update_blocked_core(
         h0 = h1
 
     if tptr != NULL:
-        # ---- the single-level downdates row by row of L22 (the transposed pattern): each
-        # row's sum builds in a cache-resident accumulator and L22 is written in order, where
-        # per-level scatters into a large L22 miss the cache on nearly every update.
-        for r in range(D):
-            for u in range(r + 1):
-                acc[u] = 0.0
-            for t in range(tptr[r], tptr[r + 1]):
-                j = tlev[t]
-                if (hflag != NULL and hflag[j]) or batch_size(batch, nbatch, j) > 1:
-                    continue
-                p1 = tidx[t]
-                v = L21 + p1 * k1
-                for kk in range(indptr[j], p1 + 1):
-                    s = 0.0
-                    for c in range(k1):
-                        s += v[c] * L21[kk * k1 + c]
-                    acc[rows[kk]] += s
-            for u in range(r + 1):
-                L22[r * D + u] -= acc[u]
+        transposed_downdate(L22, D, k1, indptr, rows, L21, tptr, tidx, tlev, batch, nbatch,
+                            hflag, acc, nthreads)
 
     # ---- dense Cholesky of L22 (row-major lower == column-major upper)
     n_i = <int>D
@@ -413,7 +448,7 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                                    &bufv[0] if nrmax * k1 >= BLAS_MIN else NULL, &wbv[0],
                                    NULL, NULL, NULL, NULL,
                                    &heavy[0] if nheavy > 0 else NULL, nheavy,
-                                   &hfv[0] if nheavy > 0 else NULL, &hbv[0], hch)
+                                   &hfv[0] if nheavy > 0 else NULL, &hbv[0], hch, 1)
     return info
 
 
@@ -655,6 +690,23 @@ def dense_inverse(const double[:, ::1] L22, Py_ssize_t Dp, double[:, ::1] out):
     return info
 
 
+def _n_threads() -> int:
+    """Threads for the row-parallel downdate: the CPUs this process may use (at most 8),
+    or ``LMMFAST_NUM_THREADS``; 1 when the extension was built without OpenMP."""
+    import os
+
+    if not OPENMP:
+        return 1
+    env = os.environ.get("LMMFAST_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
 cdef class BlockedFactor:
     """The blocked factor of Ω(θ) with its cross-products: one compiled call per θ.
 
@@ -676,6 +728,7 @@ cdef class BlockedFactor:
     cdef double[:, ::1] L21v, L22v, T1v
     cdef double[::1] rsv, tfv, bufv, wbufv, thv
     cdef Py_ssize_t m1, k1, D, nz, nbatch, n, p, nheavy, hchunk
+    cdef int nthreads
     cdef bint use_buf
     cdef object heavy_arr, hflag_arr, hbuf
     cdef const cnp.int64_t[::1] heavyv
@@ -731,7 +784,8 @@ cdef class BlockedFactor:
                                      or np.any(np.asarray(xp.indptr)[tl] > ti)
                                      or np.any(np.asarray(xp.indptr)[tl + 1] <= ti)))):
                 raise ValueError("transposed pattern does not match the panels")
-        self.acc = np.zeros(self.D)
+        self.nthreads = _n_threads()
+        self.acc = np.zeros(self.D * self.nthreads)       # one accumulator row per thread
         self.accv = self.acc
 
     cpdef int factor(self, const double[::1] theta) except? -99:
@@ -769,7 +823,8 @@ cdef class BlockedFactor:
                 &self.tidx[0] if self.transposed else NULL,
                 &self.tlev[0] if self.transposed else NULL, &self.accv[0],
                 &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
-                &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk)
+                &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
+                self.nthreads)
         return info
 
     def solve_dense(self):
