@@ -114,6 +114,8 @@ cdef void lam_rows(double* v, Py_ssize_t nr, Py_ssize_t k1, const cnp.int64_t* r
 DEF BLAS_MIN = 256
 # Largest panel (rows) gathered into a buffer; bigger panels use the plain loops.
 DEF GATHER_MAX = 2048
+# Row-wise downdates with fewer multiply-adds than this run on one thread.
+THREAD_MIN_WORK = 2e7
 
 
 cdef void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows, const double* v,
@@ -716,6 +718,7 @@ cdef class BlockedFactor:
     ``objective(θ, reml)`` adds the profiled deviance (JSS eqs. 34, 41).
     """
     cdef readonly object L11, L21, L22, T1, rscale, Tflat, theta
+    cdef readonly int nthreads
     cdef object xp, buf, wbuf
     cdef const double[:, :, ::1] A11
     cdef const double[:, ::1] A21, A22
@@ -728,7 +731,6 @@ cdef class BlockedFactor:
     cdef double[:, ::1] L21v, L22v, T1v
     cdef double[::1] rsv, tfv, bufv, wbufv, thv
     cdef Py_ssize_t m1, k1, D, nz, nbatch, n, p, nheavy, hchunk
-    cdef int nthreads
     cdef bint use_buf
     cdef object heavy_arr, hflag_arr, hbuf
     cdef const cnp.int64_t[::1] heavyv
@@ -784,7 +786,16 @@ cdef class BlockedFactor:
                                      or np.any(np.asarray(xp.indptr)[tl] > ti)
                                      or np.any(np.asarray(xp.indptr)[tl + 1] <= ti)))):
                 raise ValueError("transposed pattern does not match the panels")
-        self.nthreads = _n_threads()
+        # threads for the row-wise downdate only where it is big enough to pay for waking
+        # them (under ~10⁷ updates it is a few ms; idle OpenMP threads then spin against
+        # OpenBLAS's and make every evaluation slower)
+        self.nthreads = 1
+        if self.transposed:
+            nr = np.diff(np.asarray(xp.indptr)).astype(float)
+            light = np.ones(self.m1, dtype=bool)
+            light[self.heavy_arr] = False
+            if float((nr[light] ** 2).sum()) * self.k1 > THREAD_MIN_WORK:
+                self.nthreads = _n_threads()
         self.acc = np.zeros(self.D * self.nthreads)       # one accumulator row per thread
         self.accv = self.acc
 

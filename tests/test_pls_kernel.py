@@ -372,3 +372,22 @@ def test_wrapper_rejects_bad_heavy_levels():
     for heavy in ([m1], [-1], [1, 0]):
         with pytest.raises(ValueError, match="heavy"):
             _pls.update_blocked(*[args[k] for k in ORDER], heavy=np.array(heavy, dtype=np.int64))
+
+
+def test_threaded_row_wise_downdate_matches_one_thread(monkeypatch):
+    """The OpenMP row loop (forced on for a small model) gives the one-thread factor."""
+    import lmmfast
+
+    df, _ = lmmfast.simulate.crossed(5000, 200, 60, slope=True, seed=6)
+    model = LinearMixedModel("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=True, method="blocked")
+    theta = np.abs(np.random.default_rng(9).normal(size=model.ntheta)) + 0.2
+    args = (model.terms, model.X, model.y, model.theta_offsets)
+    one = BlockedPLS(BlockedCrossprod(*args, transposed=True))
+    assert one._f.nthreads == 1                         # small: below the threading threshold
+    monkeypatch.setattr(_pls, "THREAD_MIN_WORK", 0.0)
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", "3")
+    many = BlockedPLS(BlockedCrossprod(*args, transposed=True))
+    assert many._f.nthreads == (3 if _pls.OPENMP else 1)
+    f1, f2 = one.objective(theta, True), many.objective(theta, True)
+    np.testing.assert_allclose(np.tril(many.L22), np.tril(one.L22), rtol=1e-12, atol=1e-12)
+    assert f2 == pytest.approx(f1, rel=1e-13)
