@@ -692,6 +692,20 @@ def dense_inverse(const double[:, ::1] L22, Py_ssize_t Dp, double[:, ::1] out):
     return info
 
 
+_omp_used = False      # this process ran a threaded region
+_omp_forked = False    # ... and then forked: this is the child, whose OpenMP pool is dead
+
+
+def _after_fork_in_child():
+    global _omp_forked
+    _omp_forked = _omp_forked or _omp_used
+
+
+import os as _os
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _n_threads() -> int:
     """Threads for the row-parallel downdate: the CPUs this process may use (at most 8),
     or ``LMMFAST_NUM_THREADS``; 1 when the extension was built without OpenMP."""
@@ -807,6 +821,13 @@ cdef class BlockedFactor:
             ix = self.t1_index[i]
             if ix >= nt:
                 raise ValueError("theta is too short for this model")
+        global _omp_used
+        cdef int nthreads = self.nthreads
+        if nthreads > 1:
+            if _omp_forked:          # GNU OpenMP's threads do not survive a fork: one thread
+                nthreads = 1
+            else:
+                _omp_used = True
         if self.theta is None or self.theta.shape[0] != nt:
             self.theta = np.empty(nt)
             self.thv = self.theta
@@ -835,7 +856,7 @@ cdef class BlockedFactor:
                 &self.tlev[0] if self.transposed else NULL, &self.accv[0],
                 &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
                 &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
-                self.nthreads)
+                nthreads)
         return info
 
     def solve_dense(self):

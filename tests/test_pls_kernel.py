@@ -391,3 +391,29 @@ def test_threaded_row_wise_downdate_matches_one_thread(monkeypatch):
     f1, f2 = one.objective(theta, True), many.objective(theta, True)
     np.testing.assert_allclose(np.tril(many.L22), np.tril(one.L22), rtol=1e-12, atol=1e-12)
     assert f2 == pytest.approx(f1, rel=1e-13)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_threaded_downdate_after_fork_runs_in_the_child(monkeypatch):
+    """GNU OpenMP's thread pool does not survive fork(); a forked child (multiprocessing's
+    default on Linux) must still evaluate the objective, on one thread."""
+    import os
+    import signal
+
+    import lmmfast
+
+    df, _ = lmmfast.simulate.crossed(5000, 200, 60, slope=True, seed=6)
+    model = LinearMixedModel("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=True, method="blocked")
+    monkeypatch.setattr(_pls, "THREAD_MIN_WORK", 0.0)
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", "2")
+    pls = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets,
+                                      transposed=True))
+    theta = np.abs(np.random.default_rng(9).normal(size=model.ntheta)) + 0.2
+    f = pls.objective(theta, True)                 # the parent runs the threaded region
+    pid = os.fork()
+    if pid == 0:                                   # child: must not hang, must agree
+        signal.alarm(60)
+        ok = pls.objective(theta, True) == pytest.approx(f, rel=1e-12)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
