@@ -49,14 +49,7 @@ class BlockedCrossprod:
         self.n = n
         self.term_shapes = [(t.nlevels, t.k) for t in terms]
         # ---- block 1: Z1'Z1, one k1×k1 block per level
-        k1, m1 = self.k1, self.m1
-        A11 = np.empty((m1, k1, k1))
-        for a in range(k1):
-            for b in range(a + 1):
-                v = np.bincount(t1.codes, weights=t1.X[:, a] * t1.X[:, b], minlength=m1)
-                A11[:, a, b] = v
-                A11[:, b, a] = v
-        self.A11 = A11
+        self.A11 = t1.level_gram()
 
         # ---- dense block rows: rest terms, X, y
         offs, o = [], 0
@@ -113,7 +106,7 @@ class BlockedCrossprod:
             tflat_index = [-2]
         self.rs_index = rs_index
         self.tflat_index = np.asarray(tflat_index, dtype=np.int64)
-        self.t1_index = np.asarray(_tril_map(k1, theta_offsets[0]), dtype=np.int64)
+        self.t1_index = np.asarray(_tril_map(self.k1, theta_offsets[0]), dtype=np.int64)
 
     @staticmethod
     def _dense_block(rest, offs, Xy, nz, D):

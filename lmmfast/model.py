@@ -252,12 +252,7 @@ class _LevelFit:
     def __init__(self, t):
         k, m = t.k, t.nlevels
         self.t = t
-        A = np.empty((m, k, k))
-        for a in range(k):
-            for c in range(a + 1):
-                v = np.bincount(t.codes, weights=t.X[:, a] * t.X[:, c], minlength=m)
-                A[:, a, c] = v
-                A[:, c, a] = v
+        A = t.level_gram()
         w = np.linalg.eigvalsh(A)
         self.ok = w[:, 0] > 1e-8 * np.maximum(w[:, -1], 1e-300)
         self.Ainv = np.zeros_like(A)

@@ -144,6 +144,18 @@ class ReTerm:
         if self.X.shape[1] == 0:
             raise FormulaError(f"random-effects term {bar} has no columns")
 
+    def level_gram(self) -> np.ndarray:
+        """Per level j, the k × k cross-product X_j'X_j of the term's columns over its rows
+        (the diagonal blocks of Z_i'Z_i), as an (m, k, k) array."""
+        k, m = self.k, self.nlevels
+        G = np.empty((m, k, k))
+        for a in range(k):
+            for b in range(a + 1):
+                v = np.bincount(self.codes, weights=self.X[:, a] * self.X[:, b], minlength=m)
+                G[:, a, b] = v
+                G[:, b, a] = v
+        return G
+
     def pairs(self, other: "ReTerm"):
         """(levels of self, levels of other, each row's pair) of the distinct level pairs
         that share a row, sorted (:func:`lmmfast._remat.pair_codes`).  Kept until
