@@ -77,6 +77,8 @@ def tool_commands(rung: Rung, spec: Path, ctx: dict) -> dict:
                           else "skipped: " + ctx["r_reason"])
         elif tool in rung.cannot:
             cmds[tool] = "cannot express: " + rung.cannot[tool]
+        elif tool == "gpboost" and rung.gpboost is None:
+            cmds[tool] = "cannot express: no gpboost spelling of this rung's model is given"
         elif tool not in ctx["peer_versions"]:
             cmds[tool] = "skipped: not installed in the peer environment " \
                          f"({ctx['peers_python'] or 'none'})"

@@ -180,6 +180,7 @@ RUNGS = [
                      "frequencies, correlated intercept + slope on g2 (4 θ), ML."),
     Rung(6, "crossed-10m", crossed_loader(10_000_000, 100_000, 5_000, False),
          "y ~ 1 + x + (1 | g1) + (1 | g2)", "y ~ 1 + x + (1 | g1) + (1 | g2)", False,
+         gpboost=GpboostSpec("1 + x", ("g1", "g2")),
          cannot={"statsmodels": SM_CROSSED}, heavy=True,
          description="10,000,000 obs simulated by `lmmfast.simulate.crossed(10_000_000, 100_000, "
                      "5_000, slope=False, seed=1)`: 100,000 x 5,000 crossed levels, Zipf-like "
