@@ -141,14 +141,14 @@ class ColumnFrame:
 def drop_unused_categories(col: pd.Series) -> pd.Series:
     """``col.cat.remove_unused_categories()`` in O(n) (pandas sorts all n codes to find
     the used ones: seconds on ten million rows); the column itself when all are used."""
-    codes = col.cat.codes.to_numpy()
-    cats = col.cat.categories
+    arr = col.array                      # the Categorical itself: no Series per access
+    codes, cats = arr.codes, arr.categories
     used = np.bincount(codes[codes >= 0], minlength=len(cats)) > 0
     if used.all():
         return col
     remap = np.cumsum(used) - 1
     new = np.where(codes >= 0, remap[np.maximum(codes, 0)], -1)
-    cat = pd.Categorical.from_codes(new, categories=cats[used], ordered=col.cat.ordered)
+    cat = pd.Categorical.from_codes(new, categories=cats[used], ordered=arr.ordered)
     return pd.Series(cat, index=col.index, name=col.name)
 
 
@@ -206,6 +206,9 @@ def model_frame(mf, data) -> ModelFrame:
     for c in used:
         col = series[c]
         if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iub":   # never missing
+            continue
+        if isinstance(col.dtype, pd.CategoricalDtype):                     # missing: code -1
+            complete &= col.array.codes >= 0
             continue
         complete &= ~pd.isna(col.to_numpy())
     n_drop = int(len(data) - complete.sum())

@@ -39,9 +39,9 @@ def factor_codes(col: pd.Series):
     if isinstance(col.dtype, pd.CategoricalDtype):
         from .fixed import drop_unused_categories
 
-        col = drop_unused_categories(col)
-        cats = col.cat.categories
-        return col.cat.codes.to_numpy(np.int64), [str(c) for c in cats], cats
+        arr = drop_unused_categories(col).array
+        cats = arr.categories
+        return arr.codes.astype(np.int64), [str(c) for c in cats], cats
     values = col.to_numpy()
     # Hash, then sort the (few) distinct values: cheaper than pandas' sort=True path,
     # which has ~0.15 ms of overhead on small columns; values of mixed types that do not

@@ -261,3 +261,13 @@ def test_nearly_aliased_column_is_judged_by_the_qr(df):
         warnings.simplefilter("error", RankDeficiencyWarning)
         fit = lmmfast.lmer("y ~ x + x2 + (1 | g)", d)
     assert list(fit.fixef.index) == ["(Intercept)", "x", "x2"]
+
+
+def test_missing_in_categorical_grouping_factor_drops_the_row(df):
+    d = df.assign(g=pd.Categorical(df["g"], categories=sorted(df["g"].unique()) + ["G-unused"]))
+    d.loc[[2, 9], "g"] = np.nan
+    fit = lmmfast.lmer("y ~ x + (1 | g)", d)
+    assert fit.nobs == len(d) - 2 and fit.n_dropped == 2
+    ref = lmmfast.lmer("y ~ x + (1 | g)", df.drop(index=[2, 9]))
+    assert fit.objective == pytest.approx(ref.objective, rel=1e-12)
+    assert list(fit.ranef["g"].index) == list(ref.ranef["g"].index)      # unused level dropped
