@@ -713,9 +713,13 @@ def _n_threads() -> int:
 
     if not OPENMP:
         return 1
-    env = os.environ.get("LMMFAST_NUM_THREADS")
+    env = os.environ.get("LMMFAST_NUM_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"LMMFAST_NUM_THREADS must be a whole number of threads, "
+                             f"not {env!r}") from None
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:

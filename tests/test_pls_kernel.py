@@ -417,3 +417,12 @@ def test_threaded_downdate_after_fork_runs_in_the_child(monkeypatch):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_bad_thread_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", "two")
+    if _pls.OPENMP:
+        with pytest.raises(ValueError, match="LMMFAST_NUM_THREADS"):
+            _pls._n_threads()
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", "0")
+    assert _pls._n_threads() == 1
