@@ -22,6 +22,8 @@ is one dense block:
 ``update_blocked`` computes L from the stored cross-products in one call with the GIL
 released.  ``pls.dense_factor`` is its dense numpy oracle.
 """
+import os
+
 import numpy as np
 cimport numpy as cnp
 from libc.math cimport sqrt, log, INFINITY, M_PI
@@ -42,6 +44,17 @@ cdef extern from *:
     #endif
     """
     int LMMFAST_HAVE_OPENMP
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int lmmfast_omp_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int lmmfast_omp_max_threads(void) { return 1; }
+    #endif
+    """
+    int lmmfast_omp_max_threads() nogil
 
 OPENMP = bool(LMMFAST_HAVE_OPENMP)   # built with OpenMP: the row-wise downdate runs threaded
 
@@ -701,15 +714,15 @@ def _after_fork_in_child():
     _omp_forked = _omp_forked or _omp_used
 
 
-import os as _os
-if hasattr(_os, "register_at_fork"):
-    _os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _n_threads() -> int:
-    """Threads for the row-parallel downdate: the CPUs this process may use (at most 8),
-    or ``LMMFAST_NUM_THREADS``; 1 when the extension was built without OpenMP."""
-    import os
+    """Threads for the row-parallel downdate: ``LMMFAST_NUM_THREADS`` when set, else the
+    CPUs this process may use (at most 8; each call then also stays within OpenMP's own
+    limit: ``OMP_NUM_THREADS``, ``omp_set_num_threads``, threadpoolctl); 1 when the
+    extension was built without OpenMP."""
 
     if not OPENMP:
         return 1
@@ -736,7 +749,8 @@ cdef class BlockedFactor:
     ``objective(θ, reml)`` adds the profiled deviance (JSS eqs. 34, 41).
     """
     cdef readonly object L11, L21, L22, T1, rscale, Tflat, theta
-    cdef readonly int nthreads
+    cdef readonly int nthreads, last_nthreads
+    cdef bint fixed_threads
     cdef object xp, buf, wbuf
     cdef const double[:, :, ::1] A11
     cdef const double[:, ::1] A21, A22
@@ -814,6 +828,8 @@ cdef class BlockedFactor:
             light[self.heavy_arr] = False
             if float((nr[light] ** 2).sum()) * self.k1 > THREAD_MIN_WORK:
                 self.nthreads = _n_threads()
+        # LMMFAST_NUM_THREADS is obeyed as given; otherwise OpenMP's limit applies per call
+        self.fixed_threads = bool(os.environ.get("LMMFAST_NUM_THREADS", "").strip())
         self.acc = np.zeros(self.D * self.nthreads)       # one accumulator row per thread
         self.accv = self.acc
 
@@ -827,11 +843,15 @@ cdef class BlockedFactor:
                 raise ValueError("theta is too short for this model")
         global _omp_used
         cdef int nthreads = self.nthreads
+        if nthreads > 1 and not self.fixed_threads:
+            # OpenMP's current limit: OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl
+            nthreads = max(1, min(nthreads, lmmfast_omp_max_threads()))
         if nthreads > 1:
             if _omp_forked:          # GNU OpenMP's threads do not survive a fork: one thread
                 nthreads = 1
             else:
                 _omp_used = True
+        self.last_nthreads = nthreads
         if self.theta is None or self.theta.shape[0] != nt:
             self.theta = np.empty(nt)
             self.thv = self.theta

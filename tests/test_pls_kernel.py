@@ -426,3 +426,25 @@ def test_bad_thread_setting_is_a_clear_error(monkeypatch):
             _pls._n_threads()
     monkeypatch.setenv("LMMFAST_NUM_THREADS", "0")
     assert _pls._n_threads() == 1
+
+
+def test_threads_follow_openmp_limits(monkeypatch):
+    """Without LMMFAST_NUM_THREADS, each evaluation stays within OpenMP's current limit
+    (threadpoolctl, omp_set_num_threads, OMP_NUM_THREADS)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import lmmfast
+
+    if not _pls.OPENMP:
+        pytest.skip("built without OpenMP")
+    df, _ = lmmfast.simulate.crossed(5000, 200, 60, slope=True, seed=6)
+    model = LinearMixedModel("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=True, method="blocked")
+    monkeypatch.setattr(_pls, "THREAD_MIN_WORK", 0.0)
+    monkeypatch.delenv("LMMFAST_NUM_THREADS", raising=False)
+    pls = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets,
+                                      transposed=True))
+    theta = np.abs(np.random.default_rng(9).normal(size=model.ntheta)) + 0.2
+    f = pls.objective(theta, True)
+    assert 1 <= pls._f.last_nthreads <= pls._f.nthreads
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        assert pls.objective(theta, True) == pytest.approx(f, rel=1e-13)
+        assert pls._f.last_nthreads == 1
