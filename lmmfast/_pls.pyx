@@ -170,9 +170,9 @@ cdef void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows, const dou
 cdef void transposed_downdate(
         double* L22, Py_ssize_t D, Py_ssize_t k1, const cnp.int64_t* indptr,
         const cnp.int64_t* rows, const double* L21, const cnp.int64_t* tptr,
-        const cnp.int64_t* tidx, const cnp.int64_t* tlev, const cnp.int64_t* batch,
-        Py_ssize_t nbatch, const char* hflag, double* acc_all, int nthreads) noexcept nogil:
-    """The single-level downdates row by row of L22 (the transposed pattern).
+        const cnp.int64_t* tidx, const cnp.int64_t* tlev, double* acc_all, int nthreads) noexcept nogil:
+    """The single-level downdates row by row of L22 (the transposed pattern, which holds
+    only the levels downdated this way: neither batched nor heavy ones).
 
     Each row's sum builds in a cache-resident accumulator (one per thread) and L22 is
     written in order, where per-level scatters into a large L22 miss the cache on nearly
@@ -188,8 +188,6 @@ cdef void transposed_downdate(
             acc[u] = 0.0
         for t in range(tptr[r], tptr[r + 1]):
             j = tlev[t]
-            if (hflag != NULL and hflag[j]) or batch_size(batch, nbatch, j) > 1:
-                continue
             p1 = tidx[t]
             v = L21 + p1 * k1
             if k1 == 1:
@@ -204,19 +202,6 @@ cdef void transposed_downdate(
                     acc[rows[kk]] += s
         for u in range(r + 1):
             L22[r * D + u] -= acc[u]
-
-
-cdef inline Py_ssize_t batch_size(const cnp.int64_t* batch, Py_ssize_t nbatch,
-                                  Py_ssize_t j) noexcept nogil:
-    """Number of levels in the batch holding level j (batches are sorted runs)."""
-    cdef Py_ssize_t lo = 0, hi = nbatch, mid
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if batch[mid] <= j:
-            lo = mid
-        else:
-            hi = mid
-    return batch[lo + 1] - batch[lo]
 
 
 cdef int update_blocked_core(
@@ -329,8 +314,7 @@ cdef int update_blocked_core(
         h0 = h1
 
     if tptr != NULL:
-        transposed_downdate(L22, D, k1, indptr, rows, L21, tptr, tidx, tlev, batch, nbatch,
-                            hflag, acc, nthreads)
+        transposed_downdate(L22, D, k1, indptr, rows, L21, tptr, tidx, tlev, acc, nthreads)
 
     # ---- dense Cholesky of L22 (row-major lower == column-major upper)
     n_i = <int>D
@@ -808,25 +792,27 @@ cdef class BlockedFactor:
         self.wbuf = np.empty(wmax)
         self.bufv, self.wbufv = self.buf, self.wbuf
         self.transposed = xp.tptr is not None
+        self.nthreads = 1
         if self.transposed:
             self.tptr, self.tidx, self.tlev = xp.tptr, xp.tidx, xp.tlev
             tp, ti, tl = np.asarray(xp.tptr), np.asarray(xp.tidx), np.asarray(xp.tlev)
+            ip, b = np.asarray(xp.indptr), np.asarray(xp.batch)
+            # the levels the row-wise downdate may hold: alone in their batch, not heavy
+            rowwise = np.zeros(self.m1, dtype=bool)
+            rowwise[b[:len(b) - 1][np.diff(b) == 1]] = True
+            rowwise[self.heavy_arr] = False
             if (len(tp) != self.D + 1 or len(ti) > self.rows.shape[0] or len(tl) != len(ti)
-                    or tp[0] != 0 or tp[-1] != len(ti) or np.any(np.diff(tp) < 0)
+                    or tp[0] != 0 or tp[len(tp) - 1] != len(ti) or np.any(np.diff(tp) < 0)
                     or (len(ti) and (ti.min() < 0 or ti.max() >= self.rows.shape[0]
                                      or tl.min() < 0 or tl.max() >= self.m1
-                                     or np.any(np.asarray(xp.indptr)[tl] > ti)
-                                     or np.any(np.asarray(xp.indptr)[tl + 1] <= ti)))):
+                                     or np.any(ip[tl] > ti) or np.any(ip[tl + 1] <= ti)
+                                     or not rowwise[tl].all()))):
                 raise ValueError("transposed pattern does not match the panels")
-        # threads for the row-wise downdate only where it is big enough to pay for waking
-        # them (under ~10⁷ updates it is a few ms; idle OpenMP threads then spin against
-        # OpenBLAS's and make every evaluation slower)
-        self.nthreads = 1
-        if self.transposed:
-            nr = np.diff(np.asarray(xp.indptr)).astype(float)
-            light = np.ones(self.m1, dtype=bool)
-            light[self.heavy_arr] = False
-            if float((nr[light] ** 2).sum()) * self.k1 > THREAD_MIN_WORK:
+            # threads only where the row-wise downdate is big enough to pay for waking them
+            # (under ~10⁷ updates it is a few ms; idle OpenMP threads then spin against
+            # OpenBLAS's and make every evaluation slower)
+            nr = np.diff(ip).astype(float)
+            if float((nr[rowwise] ** 2).sum()) * self.k1 > THREAD_MIN_WORK:
                 self.nthreads = _n_threads()
         # LMMFAST_NUM_THREADS is obeyed as given; otherwise OpenMP's limit applies per call
         self.fixed_threads = bool(os.environ.get("LMMFAST_NUM_THREADS", "").strip())

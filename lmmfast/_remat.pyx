@@ -9,7 +9,7 @@ size ``mb`` and sorted (each level holds only a few).  Its numpy oracle is
 """
 import numpy as np
 cimport numpy as cnp
-from libc.stdlib cimport malloc, free, qsort
+from libc.stdlib cimport qsort
 
 cnp.import_array()
 
@@ -36,7 +36,7 @@ cdef Py_ssize_t pair_codes_core(const cnp.int64_t* a, const cnp.int64_t* b, Py_s
     for i in range(n):                       # counting sort of the rows by a (stable)
         order[start[a[i]]] = i
         start[a[i]] += 1
-    for j in range(ma - 1, 0, -1):
+    for j in range(ma - 1, 0, -1):           # back to level starts (start[ma] stays n)
         start[j] = start[j - 1]
     if ma > 0:
         start[0] = 0
@@ -44,7 +44,7 @@ cdef Py_ssize_t pair_codes_core(const cnp.int64_t* a, const cnp.int64_t* b, Py_s
         mark[k] = -1
     for j in range(ma):
         first = npair
-        for t in range(start[j], start[j + 1] if j + 1 < ma else n):
+        for t in range(start[j], start[j + 1]):
             r = b[order[t]]
             if mark[r] != j:
                 mark[r] = j
@@ -54,7 +54,7 @@ cdef Py_ssize_t pair_codes_core(const cnp.int64_t* a, const cnp.int64_t* b, Py_s
         for k in range(first, npair):
             pa[k] = j
             slot[pb[k]] = k
-        for t in range(start[j], start[j + 1] if j + 1 < ma else n):
+        for t in range(start[j], start[j + 1]):
             i = order[t]
             inv[i] = slot[b[i]]
     return npair

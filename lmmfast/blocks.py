@@ -18,7 +18,6 @@ from . import _pls
 __all__ = ["BlockedCrossprod"]
 
 
-
 class BlockedCrossprod:
     """The stored cross-products and the static description of Λ on the dense block.
 
@@ -78,9 +77,8 @@ class BlockedCrossprod:
         self.tptr = self.tidx = self.tlev = None
         if transposed and len(self.rows):
             lev = np.repeat(np.arange(self.m1, dtype=np.int64), nr)
-            light = np.ones(self.m1, dtype=bool)
-            light[self.heavy] = False
-            keep = np.flatnonzero(light[lev])             # heavy levels go through dsyrk
+            # batched levels go through one rank-k update per batch, heavy ones through dsyrk
+            keep = np.flatnonzero((single & ~heavy)[lev])
             order = keep[np.argsort(self.rows[keep], kind="stable")]   # by row, levels ascending
             self.tidx = order.astype(np.int64)
             self.tlev = lev[order]

@@ -301,8 +301,6 @@ def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25,
     """
     import scipy.sparse as sp
 
-    from ._remat import pair_codes
-
     nz = sum(t.q for t in terms[1:])
     D = nz + p + 1
     if D <= dense_limit or not cholmod_available():
@@ -319,11 +317,14 @@ def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25,
 
     # first-term levels × later levels (the pairs the cross-products reuse), and the
     # later levels' own pattern Z_r'Z_r (diagonal within a term)
-    B = sum(pattern(pa, pb + o, m1) for (pa, pb, _), o in ((terms[0].pairs(t), o) for t, o in zip(rest, offs)))
+    B = None
+    for t, o in zip(rest, offs):
+        pa, pb, _ = terms[0].pairs(t)
+        B = pattern(pa, pb + o, m1) if B is None else B + pattern(pa, pb + o, m1)
     R = pattern(np.arange(nlev), np.arange(nlev), nlev)
     for i, (ti, oi) in enumerate(zip(rest, offs)):
         for tl, ol in zip(rest[i + 1:], offs[i + 1:]):
-            pa, pb, _ = pair_codes(ti.codes, ti.nlevels, tl.codes, tl.nlevels)
+            pa, pb, _ = ti.pairs(tl)              # the cross-products reuse these too
             R = R + pattern(pa + oi, pb + ol, nlev) + pattern(pb + ol, pa + oi, nlev)
     cols = np.arange(nlev)
     if nlev > sample:

@@ -448,3 +448,23 @@ def test_threads_follow_openmp_limits(monkeypatch):
     with threadpoolctl.threadpool_limits(1, user_api="openmp"):
         assert pls.objective(theta, True) == pytest.approx(f, rel=1e-13)
         assert pls._f.last_nthreads == 1
+
+
+def test_row_wise_pattern_must_leave_out_heavy_and_batched_levels():
+    """The row-wise kernel trusts its pattern to hold only the levels it downdates; a pattern
+    that also holds heavy levels (downdated by dsyrk) would downdate them twice."""
+    import lmmfast
+
+    df, _ = lmmfast.simulate.crossed(4000, 60, 30, slope=True, seed=4)
+    model = LinearMixedModel("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=False, method="blocked")
+    xp = BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets,
+                          transposed=True, heavy_rows=20)
+    assert len(xp.heavy)
+    BlockedPLS(xp)                                   # as built: accepted
+    nr = np.diff(xp.indptr)
+    lev = np.repeat(np.arange(xp.m1, dtype=np.int64), nr)
+    order = np.argsort(xp.rows, kind="stable")       # every level, heavy ones included
+    xp.tidx, xp.tlev = order.astype(np.int64), lev[order]
+    xp.tptr = np.concatenate([[0], np.cumsum(np.bincount(xp.rows, minlength=xp.D))]).astype(np.int64)
+    with pytest.raises(ValueError, match="transposed pattern"):
+        BlockedPLS(xp)
