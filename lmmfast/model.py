@@ -18,7 +18,7 @@ from .fixed import drop_aliased, fixed_matrix, model_frame, response
 from .optsummary import minimize_bobyqa, minimize_lbfgs
 from .pls import BlockedPLS
 from .sparsepls import SparsePLS, cholmod_available
-from .remat import ReTerm, check_term_sizes, order_terms
+from .remat import ReTerm, _tril_colmajor, check_term_sizes, order_terms
 
 __all__ = ["LinearMixedModel", "lmer"]
 
@@ -284,7 +284,7 @@ class _LevelFit:
         V = s2 * np.einsum("j,jab->ab", wts, self.Ainv[self.ok])
         ev, Q = np.linalg.eigh((S - V) / s2)
         T = np.linalg.cholesky((Q * np.maximum(ev, floor)) @ Q.T)
-        return np.array([T[i, j] for j in range(k) for i in range(j, k)])
+        return T[_tril_colmajor(k)]                    # lme4's θ order
 
 
 def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25,
