@@ -18,7 +18,8 @@ from .fixed import drop_aliased, fixed_matrix, model_frame, response
 from .optsummary import minimize_bobyqa, minimize_lbfgs
 from .pls import BlockedPLS
 from .sparsepls import SparsePLS, cholmod_available
-from .remat import ReTerm, _tril_colmajor, check_term_sizes, order_terms
+from .moments import moment_start
+from .remat import ReTerm, check_term_sizes, order_terms
 
 __all__ = ["LinearMixedModel", "lmer"]
 
@@ -128,46 +129,13 @@ class LinearMixedModel:
 
     # ------------------------------------------------------------------ fitting
     def moment_start(self) -> np.ndarray:
-        """A method-of-moments starting θ.
-
-        All terms are fitted as fixed effects to the OLS residuals of y on X, level by
-        level and jointly (a few backfitting sweeps; :class:`_LevelFit`).  For each term,
-        σ² T T' is estimated by the level-size weighted covariance of its effects less
-        their mean sampling covariance s² A_j⁻¹ (s²: the residual variance of that fit);
-        for ``(1 | g)`` this is θ² = (v_b − s² m / n) / s², v_b the weighted mean square
-        of the level effects.  Eigenvalues are floored at 0.01.  A term with too few
-        identifiable levels keeps lme4's start (T = I).
-        """
+        """A method-of-moments starting θ (:func:`lmmfast.moments.moment_start`)."""
         return self._moments()[0]
 
-    def _moments(self, sweeps: int = 3):
+    def _moments(self):
         """(moment start θ, mask of the elements it estimated)."""
-        beta, *_ = np.linalg.lstsq(self.X, self.y, rcond=None)
-        r = self.y - self.X @ beta
-        n = len(r)
-        th = self.theta_start.copy()
-        est = np.zeros(len(th), dtype=bool)
-        fits = [_LevelFit(t) for t in self.terms]
-        use = [f for f in fits if f.usable]
-        if not use:
-            return th, est
-        # The terms as fixed effects (per-level least squares), fitted jointly by
-        # backfitting: with crossed factors each one's level means also carry the others'
-        # effects, and the residual variance left after one factor alone is inflated by the rest.
-        for _ in range(sweeps if len(use) > 1 else 1):
-            for f in use:
-                r += f.rows(f.eff)
-                f.eff = f.solve(r)
-                r -= f.rows(f.eff)
-        dof = n - self.p - sum(f.nfree for f in use)
-        s2 = float(r @ r) / max(dof, 1)
-        if not s2 > 0:
-            return th, est
-        for t, off, f in zip(self.terms, self.theta_offsets, fits):
-            if f.usable:
-                th[off: off + t.ntheta] = f.theta(s2)
-                est[off: off + t.ntheta] = True
-        return th, est
+        return moment_start(self.terms, self.theta_offsets, self.X, self.y, self.p,
+                            self.theta_start)
 
     def fit(self, optimizer: str = "auto", start="auto", verbose: bool = False, callback=None,
             **control):
@@ -184,9 +152,10 @@ class LinearMixedModel:
             fastest, and BOBYQA otherwise.
         start : "auto", "lme4", "moments" or array_like
             Starting θ.  ``"lme4"``: 1 on diagonals, 0 elsewhere.  ``"moments"``:
-            :meth:`moment_start`.  ``"auto"`` (default): lme4's start for models with fewer
-            than 10,000 observations, the moment start (about half the evaluations on
-            InstEval-sized crossed models) otherwise.
+            :meth:`moment_start`, which takes about half the evaluations of lme4's start
+            on crossed and nested models.  ``"auto"`` (default): the moment start from
+            1,000 observations up; below, lme4's (a whole fit takes about a millisecond
+            there, and the moments cost as much as the evaluations they save).
         verbose : bool
             Print the evaluation count, objective and elapsed time as the fit goes.
         callback : callable, optional
@@ -205,7 +174,7 @@ class LinearMixedModel:
         if start is None or (isinstance(start, str) and start == "lme4"):
             x0 = self.theta_start
         elif isinstance(start, str) and start in ("auto", "moments"):
-            big = start == "moments" or self.nobs >= 10000
+            big = start == "moments" or self.nobs >= 1000
             x0, est = self._moments() if big else (self.theta_start, None)
         elif isinstance(start, str):
             raise ValueError(f"start must be 'auto', 'lme4', 'moments' or a θ vector, not {start!r}")
@@ -239,52 +208,6 @@ class LinearMixedModel:
     def __repr__(self):
         return (f"LinearMixedModel({self.formula.text!r}, n={self.nobs}, p={self.p}, "
                 f"terms={[str(t.bar) for t in self.terms]}, REML={self.REML})")
-
-
-class _LevelFit:
-    """One term's effects fitted as fixed effects, level by level (for :meth:`moment_start`).
-
-    Level j's effect is the least-squares fit of the current residual on the term's k
-    columns over its rows: A_j⁻¹ b_j with A_j = X_j'X_j; levels whose A_j is singular
-    (fewer rows than columns, or collinear) keep a zero effect.
-    """
-
-    def __init__(self, t):
-        k, m = t.k, t.nlevels
-        self.t = t
-        A = t.level_gram()
-        w = np.linalg.eigvalsh(A)
-        self.ok = w[:, 0] > 1e-8 * np.maximum(w[:, -1], 1e-300)
-        self.Ainv = np.zeros_like(A)
-        if self.ok.any():
-            self.Ainv[self.ok] = np.linalg.inv(A[self.ok])
-        self.cnt = np.bincount(t.codes, minlength=m).astype(float)
-        self.usable = int(self.ok.sum()) > k
-        # parameters beyond those X already has (the term's columns are, as usual, in X)
-        self.nfree = (int(self.ok.sum()) - 1) * k
-        self.eff = np.zeros((m, k))
-
-    def solve(self, r):
-        t = self.t
-        b = np.column_stack([np.bincount(t.codes, weights=t.X[:, a] * r, minlength=t.nlevels)
-                             for a in range(t.k)])
-        return np.einsum("jab,jb->ja", self.Ainv, b)
-
-    def rows(self, eff):
-        return np.einsum("rk,rk->r", self.t.X, eff[self.t.codes])
-
-    def theta(self, s2: float, floor: float = 0.01) -> np.ndarray:
-        """θ of the term: the level-size weighted covariance of the effects less their mean
-        sampling covariance s² A_j⁻¹, over s², eigenvalues floored at ``floor``."""
-        k = self.t.k
-        wts = self.cnt[self.ok] / self.cnt[self.ok].sum()
-        eff = self.eff[self.ok]
-        dev = eff - wts @ eff
-        S = np.einsum("j,ja,jb->ab", wts, dev, dev)
-        V = s2 * np.einsum("j,jab->ab", wts, self.Ainv[self.ok])
-        ev, Q = np.linalg.eigh((S - V) / s2)
-        T = np.linalg.cholesky((Q * np.maximum(ev, floor)) @ Q.T)
-        return T[_tril_colmajor(k)]                    # lme4's θ order
 
 
 def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25,

@@ -68,11 +68,6 @@ class LmerFit:
         self.df = npar
         self.aic = self.objective + 2 * npar
         self.bic = self.objective + math.log(n) * npar
-        u, beta = pls.solve()
-        self.beta = beta
-        self._b = [ui @ T.T for ui, T in zip(u, self._T())]
-        Rinv = pls.rx_inverse()
-        self.vcov_array = self.sigma ** 2 * (Rinv @ Rinv.T)
         low = model.theta_lower
         self.is_singular = bool(np.any(np.abs(theta[low == 0]) < 1e-4))
         self.theta_names = list(model.theta_names)
@@ -84,6 +79,30 @@ class LmerFit:
         if pls.theta is None or not np.array_equal(pls.theta, self.theta):
             if pls.factor(self.theta) != 0:  # pragma: no cover (never at a finite optimum)
                 raise RuntimeError("the factorization failed at the optimum")
+
+    # β̂, b̂ and vcov are computed on first use (a fit that only needs θ̂ and the
+    # objective, e.g. a likelihood-ratio test, never pays for them)
+    @cached_property
+    def _solution(self):
+        self._refactor()
+        return self.model.pls.solve()
+
+    @cached_property
+    def beta(self) -> np.ndarray:
+        """Fixed effects β̂ as an array (Bates et al. 2015, eq. 20)."""
+        return self._solution[1]
+
+    @cached_property
+    def _b(self) -> list:
+        """Conditional modes b_i = u_i T_i' per term, (levels × k_i) arrays."""
+        return [ui @ T.T for ui, T in zip(self._solution[0], self._T())]
+
+    @cached_property
+    def vcov_array(self) -> np.ndarray:
+        """Covariance of β̂ as an array, σ² (R_X'R_X)⁻¹."""
+        self._refactor()
+        Rinv = self.model.pls.rx_inverse()
+        return self.sigma ** 2 * (Rinv @ Rinv.T)
 
     @cached_property
     def fixef(self) -> pd.Series:

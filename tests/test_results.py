@@ -197,7 +197,7 @@ def test_optsummary(sleep_fit):
     m = sleep_fit
     o = m.optsummary
     assert isinstance(o.optimizer, str) and o.optimizer
-    np.testing.assert_array_equal(o.initial, m.model.theta_start)
+    np.testing.assert_array_equal(o.initial, m.model.theta_start)   # lme4's below 1,000 rows
     np.testing.assert_array_equal(o.final, m.theta)
     assert o.fmin == pytest.approx(m.objective, rel=1e-12)
     assert isinstance(o.feval, int) and o.feval > 0

@@ -73,3 +73,39 @@ def test_method_choice_follows_the_density_of_the_dense_block(nested):
     assert (dens > 0.25) != nested
     assert choose_method(m.terms, m.p, dense_limit=10) == expect                   # sampled
     assert choose_method(m.terms, m.p, dense_limit=10, sample=10 ** 6) == expect   # exact
+
+
+def _nested_frame(nb=40, na=5, nr=4, seed=3):
+    rng = np.random.default_rng(seed)
+    b = np.repeat(np.arange(nb), na * nr)
+    a = np.repeat(np.arange(nb * na), nr)
+    y = 1 + rng.normal(0, 2, nb)[b] + rng.normal(0, 1, nb * na)[a] + rng.normal(0, 1, len(a))
+    import pandas as pd
+
+    return pd.DataFrame({"b": b.astype(str), "a": (a % na).astype(str), "y": y})
+
+
+def test_nested_moment_start_is_the_nested_anova_estimate():
+    """Balanced (1 | b/a): the start is the nested ANOVA estimate, (MS_B − MS_A(B)) /
+    (n_a n_r) and (MS_A(B) − MS_E) / n_r over MS_E (with the one-way test's (m−1)/m)."""
+    nb, na, nr = 40, 5, 4
+    df = _nested_frame(nb, na, nr)
+    m = LinearMixedModel("y ~ 1 + (1 | b/a)", df)
+    assert m.theta_names == ["a:b.(Intercept)", "b.(Intercept)"]
+    y = df["y"]
+    mb = y.groupby(df["b"]).transform("mean")
+    ma = y.groupby([df["b"], df["a"]]).transform("mean")
+    NA = nb * na
+    mse = float(((y - ma) ** 2).sum()) / (len(df) - NA)
+    msa = float(((ma - mb) ** 2).sum()) / (NA - nb)
+    msb = float(((mb - y.mean()) ** 2).sum()) / (nb - 1)
+    theta_a = np.sqrt(((NA - 1) / NA * msa - mse) / (nr * mse))
+    theta_b = np.sqrt(((nb - 1) / nb * msb - (NA - 1) / NA * msa) / (na * nr * mse))
+    np.testing.assert_allclose(m.moment_start(), [theta_a, theta_b], rtol=1e-10)
+
+
+def test_nested_moment_start_is_near_the_optimum():
+    m = LinearMixedModel("y ~ 1 + (1 | b/a)", _nested_frame(200))
+    fit = m.fit()
+    np.testing.assert_allclose(m.moment_start(), fit.theta, rtol=0.05)
+    assert fit.optsummary.feval < m.fit(start="lme4").optsummary.feval
