@@ -9,7 +9,7 @@ this is θ² = (v_b − s² m / n) / s², v_b the weighted mean square of the le
 One step of the score equation of the effects' own model, b̂_j ~ N(0, σ²(C + A_j⁻¹)),
 then re-weights the levels by W_j = (C + A_j⁻¹)⁻¹: with level sizes that vary a lot (Zipf-like
 designs) the size weights are several percent off the optimum, the re-weighted estimate a
-small fraction of a percent.  Eigenvalues are floored at 0.01.  A term with too few
+small fraction of a percent.  Eigenvalues are floored at 10⁻⁴ (θ ≥ 0.01).  A term with too few
 identifiable levels keeps lme4's start (T = I).
 
 Nested factors (every level of A inside one level of B) make the split of the fit between
@@ -48,8 +48,8 @@ def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3):
     theta : array
     step : array
         A first trust-region radius for each element of θ relative to max(θ, 0.1), about
-        a third of its standard error for a scalar term (0.25 / √(effective number of
-        levels), at most 0.1) and 0.1 otherwise; NaN where the moments did not estimate it.
+        a third of its standard error (0.25 / √(effective number of levels), at most 0.1);
+        NaN where the moments did not estimate it.
     """
     XtX = X.T @ X
     beta = np.linalg.solve(XtX, X.T @ y) if XtX.size else np.zeros(0)
@@ -88,7 +88,7 @@ def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3):
     for t, off, f in zip(terms, offsets, fits):
         if f.usable:
             th[off: off + t.ntheta] = f.v
-            step[off: off + t.ntheta] = min(0.1, 0.25 / np.sqrt(f.neff)) if t.k == 1 else 0.1
+            step[off: off + t.ntheta] = min(0.1, 0.25 / np.sqrt(f.neff))
     return th, step
 
 
@@ -145,7 +145,7 @@ class LevelFit:
             self.eff = np.einsum("jab,jb->ja", self.Ainv, b)
         r -= self.rows(self.eff)
 
-    def theta(self, s2: float, floor: float = 0.01) -> np.ndarray:
+    def theta(self, s2: float, floor: float = 1e-4) -> np.ndarray:
         """θ of the term: the level-size weighted covariance of the effects less their mean
         sampling covariance s² A_j⁻¹, over s², eigenvalues floored at ``floor``."""
         ok = self.ok
@@ -180,6 +180,8 @@ class LevelFit:
             rhs = np.einsum("ja,jb->ab", G, G) - np.einsum("jab,jbc,jcd->ad", W, Ainv, W)
             K = np.einsum("jac,jdb->abcd", W, W).reshape(k * k, k * k)
             C = _floor_eigen(np.linalg.solve(K, rhs.ravel()).reshape(k, k), floor)
+            tr = np.einsum("jaa->j", W)
+            self.neff = tr.sum() ** 2 / (tr @ tr)       # effective number of levels
         T = np.linalg.cholesky(C)
         return T[_tril_colmajor(k)]                    # lme4's θ order
 

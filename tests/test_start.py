@@ -45,7 +45,7 @@ def test_moment_start_floors_a_null_variance():
     # every level holds the same values: no between-level variance at all
     df = pd.DataFrame({"g": np.repeat(list("abcdef"), 5), "y": np.tile([1.0, 2.0, 4.0, 7.0, 11.0], 6)})
     m = LinearMixedModel("y ~ 1 + (1 | g)", df)
-    assert m.moment_start()[0] == pytest.approx(0.1)        # sqrt(0.01), the floor
+    assert m.moment_start()[0] == pytest.approx(0.01)       # sqrt(1e-4), the floor
 
 
 def _exact_density(terms):
