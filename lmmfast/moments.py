@@ -9,8 +9,10 @@ this is θ² = (v_b − s² m / n) / s², v_b the weighted mean square of the le
 One step of the score equation of the effects' own model, b̂_j ~ N(0, σ²(C + A_j⁻¹)),
 then re-weights the levels by W_j = (C + A_j⁻¹)⁻¹: with level sizes that vary a lot (Zipf-like
 designs) the size weights are several percent off the optimum, the re-weighted estimate a
-small fraction of a percent.  Eigenvalues are floored at 10⁻⁴ (θ ≥ 0.01).  A term with too few
-identifiable levels keeps lme4's start (T = I).
+small fraction of a percent.  A scalar term's θ² is floored at 10⁻⁴ (θ ≥ 0.01, close to
+a small variance); a vector term's eigenvalues at 0.01 (a start nearer a singular T leaves
+its correlations ill-determined: kb07's 8 × 8 terms took 128 evaluations instead of 91).
+A term with too few identifiable levels keeps lme4's start (T = I).
 
 Nested factors (every level of A inside one level of B) make the split of the fit between
 A and B unidentified; B is given the count-weighted mean of A's effects within each of its
@@ -145,9 +147,10 @@ class LevelFit:
             self.eff = np.einsum("jab,jb->ja", self.Ainv, b)
         r -= self.rows(self.eff)
 
-    def theta(self, s2: float, floor: float = 1e-4) -> np.ndarray:
-        """θ of the term: the level-size weighted covariance of the effects less their mean
-        sampling covariance s² A_j⁻¹, over s², eigenvalues floored at ``floor``."""
+    def theta(self, s2: float, floor: float = 1e-4, floor_vector: float = 0.01) -> np.ndarray:
+        """θ of the term: the covariance of the effects less their mean sampling
+        covariance s² A_j⁻¹, over s², re-weighted once (see the module docstring), θ²
+        floored at ``floor`` (scalar terms) or eigenvalues at ``floor_vector``."""
         ok = self.ok
         wts = self.cnt[ok] / self.cnt[ok].sum()
         eff = self.eff[ok]
@@ -171,7 +174,7 @@ class LevelFit:
         dev = eff - wts @ eff
         S = (dev * wts[:, None]).T @ dev
         V = s2 * np.tensordot(wts, Ainv, axes=1)
-        C = _floor_eigen((S - V) / s2, floor)
+        C = _floor_eigen((S - V) / s2, floor_vector)
         for _ in range(self.refine):
             # the score equation Σ_j W_j (b̂_j b̂_j'/s² − A_j⁻¹ − C) W_j = 0 with the
             # weights W_j = (C + A_j⁻¹)⁻¹ at the current C: linear in the new C
@@ -179,7 +182,7 @@ class LevelFit:
             G = np.einsum("jab,jb->ja", W, dev) / np.sqrt(s2)        # W_j b̂_j / s
             rhs = np.einsum("ja,jb->ab", G, G) - np.einsum("jab,jbc,jcd->ad", W, Ainv, W)
             K = np.einsum("jac,jdb->abcd", W, W).reshape(k * k, k * k)
-            C = _floor_eigen(np.linalg.solve(K, rhs.ravel()).reshape(k, k), floor)
+            C = _floor_eigen(np.linalg.solve(K, rhs.ravel()).reshape(k, k), floor_vector)
             tr = np.einsum("jaa->j", W)
             self.neff = tr.sum() ** 2 / (tr @ tr)       # effective number of levels
         T = np.linalg.cholesky(C)
