@@ -423,3 +423,18 @@ def test_lmer_does_not_warn_on_reference_cases(sleep):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lmmfast.lmer("Reaction ~ Days + (Days | Subject)", sleep)
+
+
+@pytest.mark.parametrize("case_id", ["sleepstudy_reml", "penicillin_reml"])
+def test_estimates_are_taken_at_the_optimum_after_the_factor_moved(case_id):
+    """β̂, vcov and b̂ are computed on first use: evaluations of the model's objective at
+    other θ in between (a profile, a likelihood-ratio refit) must not leak into them."""
+    case = CASE_BY_ID[case_id]
+    ref = load_ref(case_id)
+    fit = lmmfast.lmer(case["py_formula"], case_data(case), REML=bool(case["REML"]))
+    fit.model.objective(np.asarray(fit.theta) * 1.7 + 0.3)         # the factor moves away
+    np.testing.assert_allclose(fit.beta, ref["beta"], rtol=1e-4)
+    np.testing.assert_allclose(np.sqrt(np.diag(fit.vcov_array)), ref["se"], rtol=1e-3)
+    g = next(iter(ref["ranef"]))
+    np.testing.assert_allclose(fit.ranef[g].to_numpy(dtype=float), ref["ranef"][g]["values"],
+                               atol=1e-3 * ref["sigma"], rtol=1e-3)
