@@ -69,7 +69,7 @@ def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3):
         for f in use:
             f.refit(r)
     for a, b in nested_pairs(use):
-        bj = b.t.codes[a.first]                         # the level of B of each level of A
+        bj = a.outer                                    # the level of B of each level of A
         nb = np.maximum(b.cnt, 1)
         m = np.bincount(bj, weights=a.cnt * a.eff[:, 0], minlength=b.t.nlevels) / nb
         a.eff[:, 0] -= m[bj]
@@ -198,17 +198,30 @@ def _floor_eigen(C, floor):
 def nested_pairs(fits):
     """(A, B) pairs of intercept-only :class:`LevelFit` s whose factor A is nested in B
     (every level of A lies in one level of B, and A has more levels): finest A first and,
-    for each, the B with the most levels (the next coarser factor).  Sets ``A.first``,
-    a row of each level of A."""
+    for each, the B with the most levels (the next coarser factor).  Sets ``A.outer``,
+    the level of B of each level of A."""
     ones = sorted((f for f in fits if f.intercept), key=lambda f: -f.t.nlevels)
     out = []
     for i, a in enumerate(ones):
-        ca = a.t.codes
-        first = np.empty(a.t.nlevels, dtype=np.intp)
-        first[ca[::-1]] = np.arange(len(ca) - 1, -1, -1)
         for b in ones[i + 1:]:
-            if b.t.nlevels < a.t.nlevels and np.array_equal(b.t.codes[first[ca]], b.t.codes):
-                a.first = first
-                out.append((a, b))
-                break
+            if b.t.nlevels < a.t.nlevels:
+                outer = _outer_levels(a.t.codes, a.t.nlevels, b.t.codes)
+                if outer is not None:
+                    a.outer = outer
+                    out.append((a, b))
+                    break
     return out
+
+
+def _outer_levels(ca, ma: int, cb):
+    """The level of factor b of each level of factor a when a is nested in b, else None.
+
+    Crossed factors are told apart on the first few thousand rows, so the check costs
+    O(n) only when the factors are nested (or nearly)."""
+    n = len(ca)
+    for stop in ((4096, n) if n > 4096 else (n,)):
+        outer = np.zeros(ma, dtype=np.int64)
+        outer[ca[:stop]] = cb[:stop]
+        if not np.array_equal(outer[ca[:stop]], cb[:stop]):
+            return None
+    return outer

@@ -116,7 +116,7 @@ def test_nested_moment_start_is_the_nested_anova_estimate():
 
 
 def test_nested_moment_start_is_near_the_optimum():
-    m = LinearMixedModel("y ~ 1 + (1 | b/a)", _nested_frame(200))
+    m = LinearMixedModel("y ~ 1 + (1 | b/a)", _nested_frame(300))
     fit = m.fit()
     np.testing.assert_allclose(m.moment_start(), fit.theta, rtol=0.05)
     assert fit.optsummary.feval < m.fit(start="lme4").optsummary.feval
