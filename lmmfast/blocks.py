@@ -58,7 +58,10 @@ class BlockedCrossprod:
         self.rest_offsets = offs
         self.nz = nz = o
         self.D = D = nz + p + 1
-        Xy = np.column_stack([X, y])
+        # [X y] column-major: each column is one contiguous vector for bincount's weights
+        Xy = np.empty((n, p + 1), order="F")
+        Xy[:, :p] = X
+        Xy[:, p] = y
         self.A22 = self._dense_block(rest, offs, Xy, nz, D)
         self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, Xy, nz, D)
         self.batch = self._batches(self.indptr, self.rows)
@@ -76,14 +79,19 @@ class BlockedCrossprod:
             transposed = D * D * 8 > 4 * 2 ** 20
         self.tptr = self.tidx = self.tlev = None
         if transposed and len(self.rows):
+            import scipy.sparse as sp
+
+            # batched levels go through one rank-k update per batch, heavy ones through
+            # dsyrk; the panels of the others, transposed (CSR -> CSC, a counting sort):
+            # per row of the dense block, the levels touching it (ascending) and where
             lev = np.repeat(np.arange(self.m1, dtype=np.int64), nr)
-            # batched levels go through one rank-k update per batch, heavy ones through dsyrk
             keep = np.flatnonzero((single & ~heavy)[lev])
-            order = keep[np.argsort(self.rows[keep], kind="stable")]   # by row, levels ascending
-            self.tidx = order.astype(np.int64)
-            self.tlev = lev[order]
-            self.tptr = np.zeros(D + 1, dtype=np.int64)
-            np.cumsum(np.bincount(self.rows[keep], minlength=D), out=self.tptr[1:])
+            kptr = np.zeros(self.m1 + 1, dtype=np.int64)
+            np.cumsum(np.bincount(lev[keep], minlength=self.m1), out=kptr[1:])
+            P = sp.csr_matrix((keep, self.rows[keep], kptr), shape=(self.m1, D)).tocsc()
+            self.tptr = P.indptr.astype(np.int64)
+            self.tlev = P.indices.astype(np.int64)
+            self.tidx = P.data.astype(np.int64)
 
         # ---- static description of Λ on the dense block (see update_blocked)
         self.rk = np.ones(D, dtype=np.int64)
@@ -116,18 +124,16 @@ class BlockedCrossprod:
             start = oi + np.arange(mi) * ki
             for a in range(ki):                       # Z_i'Z_i: block diagonal
                 for b in range(a + 1):
-                    A22[start + a, start + b] = np.bincount(
-                        ti.codes, weights=ti.X[:, a] * ti.X[:, b], minlength=mi)
+                    A22[start + a, start + b] = _wsum(ti.codes, mi, _col(ti, a), _col(ti, b))
             for a in range(ki):                       # [X y]'Z_i
                 for c in range(Xy.shape[1]):
-                    A22[nz + c, start + a] = np.bincount(
-                        ti.codes, weights=ti.X[:, a] * Xy[:, c], minlength=mi)
+                    A22[nz + c, start + a] = _wsum(ti.codes, mi, _col(ti, a), Xy[:, c])
             for tl, ol in zip(rest[i + 1:], offs[i + 1:]):   # Z_l'Z_i, later terms l
                 li, ll, inv = ti.pairs(tl)
                 for a in range(ki):
                     for b in range(tl.k):
-                        A22[ol + ll * tl.k + b, oi + li * ki + a] = np.bincount(
-                            inv, weights=ti.X[:, a] * tl.X[:, b], minlength=len(li))
+                        A22[ol + ll * tl.k + b, oi + li * ki + a] = _wsum(
+                            inv, len(li), _col(ti, a), _col(tl, b))
         _pls.symmetrize_lower(A22)                     # symmetrise from the lower triangle
         return A22
 
@@ -143,14 +149,12 @@ class BlockedCrossprod:
             j, lev, inv = t1.pairs(ti)
             for a in range(ti.k):
                 keys.append(j * D + oi + lev * ti.k + a)
-                vals.append(np.column_stack([
-                    np.bincount(inv, weights=ti.X[:, a] * t1.X[:, c], minlength=len(j))
-                    for c in range(k1)]))
+                vals.append(np.column_stack([_wsum(inv, len(j), _col(ti, a), _col(t1, c))
+                                             for c in range(k1)]))
         for c in range(Xy.shape[1]):
             keys.append(np.arange(m1, dtype=np.int64) * D + nz + c)
-            vals.append(np.column_stack([
-                np.bincount(t1.codes, weights=Xy[:, c] * t1.X[:, b], minlength=m1)
-                for b in range(k1)]))
+            vals.append(np.column_stack([_wsum(t1.codes, m1, Xy[:, c], _col(t1, b))
+                                         for b in range(k1)]))
         keys = np.concatenate(keys)
         order = np.argsort(keys, kind="stable")
         A21 = np.ascontiguousarray(np.concatenate(vals)[order])
@@ -177,6 +181,21 @@ class BlockedCrossprod:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.A11, self.A21, self.A22, self.rows, self.indptr))
+
+
+def _col(t, a):
+    """Column a of term t's model matrix; None for the intercept (all ones)."""
+    return None if t.cnames[a] == "(Intercept)" else t.X[:, a]
+
+
+def _wsum(codes, m: int, u, v):
+    """Σ over the rows of each code of u·v (None: a column of ones), as a length-m vector;
+    a plain count when both are ones (no n-long temporaries)."""
+    if u is None:
+        u, v = v, None
+    if u is None:
+        return np.bincount(codes, minlength=m).astype(float)
+    return np.bincount(codes, weights=u if v is None else u * v, minlength=m)
 
 
 def _tril_map(k: int, toff: int) -> list:
