@@ -21,12 +21,15 @@ cdef int _cmp_i64(const void* x, const void* y) noexcept nogil:
 
 cdef Py_ssize_t pair_codes_core(const cnp.int64_t* a, const cnp.int64_t* b, Py_ssize_t n,
                                 Py_ssize_t ma, Py_ssize_t mb, cnp.int64_t* start,
-                                cnp.int64_t* order, cnp.int64_t* mark, cnp.int64_t* slot,
-                                cnp.int64_t* pa, cnp.int64_t* pb, cnp.int64_t* inv) noexcept nogil:
+                                cnp.int64_t* order, cnp.int64_t* bs, cnp.int64_t* mark,
+                                cnp.int64_t* slot, cnp.int64_t* pa, cnp.int64_t* pb,
+                                cnp.int64_t* inv) noexcept nogil:
     """Fill pa/pb (distinct pairs, sorted by a then b) and inv; return the number of pairs.
 
-    Work arrays: start (ma + 1), order (n), mark and slot (mb)."""
-    cdef Py_ssize_t i, j, t, r, npair = 0, first, k
+    Work arrays: start (ma + 1), order and bs (n), mark and slot (mb).  The counting sort
+    carries b along (``bs``), so the per-level passes read it in order: on large n the
+    random gathers b[order[t]] cost more than the sort itself."""
+    cdef Py_ssize_t i, j, t, r, npair = 0, first, k, pos
     for j in range(ma + 1):
         start[j] = 0
     for i in range(n):
@@ -34,8 +37,10 @@ cdef Py_ssize_t pair_codes_core(const cnp.int64_t* a, const cnp.int64_t* b, Py_s
     for j in range(ma):
         start[j + 1] += start[j]
     for i in range(n):                       # counting sort of the rows by a (stable)
-        order[start[a[i]]] = i
-        start[a[i]] += 1
+        pos = start[a[i]]
+        order[pos] = i
+        bs[pos] = b[i]
+        start[a[i]] = pos + 1
     for j in range(ma - 1, 0, -1):           # back to level starts (start[ma] stays n)
         start[j] = start[j - 1]
     if ma > 0:
@@ -45,7 +50,7 @@ cdef Py_ssize_t pair_codes_core(const cnp.int64_t* a, const cnp.int64_t* b, Py_s
     for j in range(ma):
         first = npair
         for t in range(start[j], start[j + 1]):
-            r = b[order[t]]
+            r = bs[t]
             if mark[r] != j:
                 mark[r] = j
                 pb[npair] = r
@@ -55,8 +60,7 @@ cdef Py_ssize_t pair_codes_core(const cnp.int64_t* a, const cnp.int64_t* b, Py_s
             pa[k] = j
             slot[pb[k]] = k
         for t in range(start[j], start[j + 1]):
-            i = order[t]
-            inv[i] = slot[b[i]]
+            inv[order[t]] = slot[bs[t]]
     return npair
 
 
@@ -90,17 +94,19 @@ def pair_codes(const cnp.int64_t[::1] a, Py_ssize_t ma, const cnp.int64_t[::1] b
         raise ValueError("codes must lie in [0, number of levels)")
     start = np.empty(ma + 1, dtype=np.int64)
     order = np.empty(max(n, 1), dtype=np.int64)
+    bsorted = np.empty(max(n, 1), dtype=np.int64)
     mark = np.empty(max(mb, 1), dtype=np.int64)
     slot = np.empty(max(mb, 1), dtype=np.int64)
     pa = np.empty(max(n, 1), dtype=np.int64)
     pb = np.empty(max(n, 1), dtype=np.int64)
     inv = np.empty(max(n, 1), dtype=np.int64)
-    cdef cnp.int64_t[::1] sv = start, ov = order, mv = mark, slv = slot, pav = pa, pbv = pb, iv = inv
+    cdef cnp.int64_t[::1] sv = start, ov = order, bsv = bsorted, mv = mark, slv = slot
+    cdef cnp.int64_t[::1] pav = pa, pbv = pb, iv = inv
     if n == 0:
         return pa[:0].copy(), pb[:0].copy(), inv[:0].copy()
     with nogil:
-        npair = pair_codes_core(&a[0], &b[0], n, ma, mb, &sv[0], &ov[0], &mv[0], &slv[0],
-                                &pav[0], &pbv[0], &iv[0])
+        npair = pair_codes_core(&a[0], &b[0], n, ma, mb, &sv[0], &ov[0], &bsv[0], &mv[0],
+                                &slv[0], &pav[0], &pbv[0], &iv[0])
     return pa[:npair].copy(), pb[:npair].copy(), inv
 
 

@@ -211,7 +211,7 @@ class LinearMixedModel:
 
 
 def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25,
-                  sample: int = 256) -> str:
+                  sample: int = 64) -> str:
     """Pick the factorization: ``"blocked"`` or ``"cholmod"``.
 
     The blocked method costs about D³/3 flops per θ for its dense block of size
