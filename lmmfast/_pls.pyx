@@ -123,6 +123,44 @@ cdef void lam_rows(double* v, Py_ssize_t nr, Py_ssize_t k1, const cnp.int64_t* r
             rows_tmul(v + t * k1, k1, k1, Tflat + rtoff[r], kk)
 
 
+cdef void lam_dense_groups(const double* A, double* L, Py_ssize_t D, const double* rscale,
+                           const cnp.int64_t* rk, const cnp.int64_t* rtoff,
+                           const double* Tflat) noexcept nogil:
+    """L <- Λ' A Λ on the lower block triangle, unit by unit.
+
+    The rows of the dense block fall into units: a scalar row (``rk == 1``, scaled by
+    ``rscale``) or a k-row group (``rk == k`` at its first row, transformed by its T).
+    Block (R, C) of the result, C <= R, is U_R' A[R, C] U_C: one pass over the lower
+    triangle in row order (a transform of whole columns per group would stride through
+    all D rows once per group)."""
+    cdef Py_ssize_t r0 = 0, c0, kr, kc, a, b
+    cdef double sr
+    cdef double* blk
+    while r0 < D:
+        kr = rk[r0]
+        c0 = 0
+        while c0 <= r0:
+            kc = rk[c0]
+            blk = L + r0 * D + c0
+            for a in range(kr):
+                for b in range(kc):
+                    blk[a * D + b] = A[(r0 + a) * D + c0 + b]
+            if kr == 1:
+                sr = rscale[r0]
+                for b in range(kc):
+                    blk[b] *= sr
+            else:
+                rows_tmul(blk, D, kc, Tflat + rtoff[r0], kr)
+            if kc == 1:
+                sr = rscale[c0]
+                for a in range(kr):
+                    blk[a * D] *= sr
+            else:
+                cols_mul(blk, D, kr, Tflat + rtoff[c0], kc)
+            c0 += kc
+        r0 += kr
+
+
 # Panels with more entries than this use BLAS (dsyrk / dgemm) on a gathered buffer.
 DEF BLAS_MIN = 256
 # Largest panel (rows) gathered into a buffer; bigger panels use the plain loops.
@@ -225,23 +263,20 @@ cdef int update_blocked_core(
     cdef int n_i, lda_i
     cdef char uplo = b'U'
 
-    # ---- L22 <- Λr' A22 Λr  (+ I on the random-effects rows)
+    # ---- L22 <- Λr' A22 Λr  (+ I on the random-effects rows); only the lower (block)
+    # triangle, which is all dpotrf reads
     cdef bint groups = False
     for r in range(D):
         if rk[r] != 1:
             groups = True
             break
-    for r in range(D):
-        s = rscale[r]
-        # without k-row groups only the lower triangle is needed (dpotrf reads no more)
-        for c in range(D if groups else r + 1):
-            L22[r * D + c] = A22[r * D + c] * s * rscale[c]
     if groups:
+        lam_dense_groups(A22, L22, D, rscale, rk, rtoff, Tflat)
+    else:
         for r in range(D):
-            kk = rk[r]
-            if kk > 1:
-                rows_tmul(L22 + r * D, D, D, Tflat + rtoff[r], kk)
-                cols_mul(L22 + r, D, D, Tflat + rtoff[r], kk)
+            s = rscale[r]
+            for c in range(r + 1):
+                L22[r * D + c] = A22[r * D + c] * s * rscale[c]
     for r in range(nz):
         L22[r * D + r] += 1.0
 
