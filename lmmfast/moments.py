@@ -18,9 +18,9 @@ Nested factors (every level of A inside one level of B) make the split of the fi
 A and B unidentified; B is given the count-weighted mean of A's effects within each of its
 levels, as in the nested ANOVA (:func:`nested_pairs`).
 
-Scalar terms (k = 1, the common case and every term of small crossed models) take a path
-without per-level k × k linear algebra, so the start costs less than the evaluations it
-saves even on models of a few hundred rows.
+Scalar terms (k = 1, the common case) take a path without per-level k × k linear algebra.
+The whole start is O(n) per backfitting sweep; on models of a few hundred rows it costs
+about what the evaluations it saves do (``LinearMixedModel.fit`` uses it from 1,000 rows).
 """
 from __future__ import annotations
 
