@@ -206,11 +206,12 @@ cdef void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows, const dou
 
 
 cdef void transposed_downdate(
-        double* L22, Py_ssize_t D, Py_ssize_t k1, const cnp.int64_t* indptr,
+        double* L22, Py_ssize_t D, Py_ssize_t nrow, Py_ssize_t k1, const cnp.int64_t* indptr,
         const cnp.int64_t* rows, const double* L21, const cnp.int64_t* tptr,
         const cnp.int64_t* tidx, const cnp.int64_t* tlev, double* acc_all, int nthreads) noexcept nogil:
-    """The single-level downdates row by row of L22 (the transposed pattern, which holds
-    only the levels downdated this way: neither batched nor heavy ones).
+    """The single-level downdates row by row of L22's first ``nrow`` rows (the transposed
+    pattern, which holds only the levels downdated this way: neither batched nor heavy
+    ones; the X/y rows are :func:`xy_accumulate`'s).
 
     Each row's sum builds in a cache-resident accumulator (one per thread) and L22 is
     written in order, where per-level scatters into a large L22 miss the cache on nearly
@@ -220,7 +221,7 @@ cdef void transposed_downdate(
     cdef double s, vv
     cdef double* acc
     cdef const double* v
-    for r in prange(D, schedule="dynamic", chunksize=8, num_threads=nthreads):
+    for r in prange(nrow, schedule="dynamic", chunksize=8, num_threads=nthreads):
         acc = acc_all + threadid() * D
         for u in range(r + 1):
             acc[u] = 0.0
@@ -242,6 +243,45 @@ cdef void transposed_downdate(
             L22[r * D + u] -= acc[u]
 
 
+cdef void xy_accumulate(const double* v, Py_ssize_t nr, Py_ssize_t k1,
+                        const cnp.int64_t* rows, Py_ssize_t nxy, double* W,
+                        double* XX) noexcept nogil:
+    """The X/y rows' share of one level's downdate, gathered column-wise.
+
+    A panel ends with the nxy X/y rows of the dense block (every level touches all of
+    them).  Row-wise, each X/y row would stream every level's whole panel again (on wide
+    fixed parts, most of the downdate); here each level adds ⟨v_c, v_xa⟩ into W[row c, a]
+    for its random-effects rows c (one contiguous nxy-vector) and its X/y × X/y products
+    into XX (row-major nxy × nxy, lower triangle)."""
+    cdef Py_ssize_t t, a, b, c, r, nzr = nr - nxy
+    cdef const double* vx = v + nzr * k1
+    cdef double s
+    cdef double* w
+    if k1 == 1:
+        for t in range(nzr):
+            s = v[t]
+            w = W + rows[t] * nxy
+            for a in range(nxy):
+                w[a] += s * vx[a]
+        for a in range(nxy):
+            for b in range(a + 1):
+                XX[a * nxy + b] += vx[a] * vx[b]
+        return
+    for t in range(nzr):
+        w = W + rows[t] * nxy
+        for a in range(nxy):
+            s = 0.0
+            for c in range(k1):
+                s += v[t * k1 + c] * vx[a * k1 + c]
+            w[a] += s
+    for a in range(nxy):
+        for b in range(a + 1):
+            s = 0.0
+            for c in range(k1):
+                s += vx[a * k1 + c] * vx[b * k1 + c]
+            XX[a * nxy + b] += s
+
+
 cdef int update_blocked_core(
         const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
         const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
@@ -250,9 +290,12 @@ cdef int update_blocked_core(
         const double* Tflat, const cnp.int64_t* batch, Py_ssize_t nbatch,
         double* L11, double* L21, double* L22, double* buf, double* wbuf,
         const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tlev,
-        double* acc, const cnp.int64_t* heavy, Py_ssize_t nheavy, const char* hflag,
-        double* hbuf, Py_ssize_t hchunk, int nthreads) noexcept nogil:
+        double* acc, double* wxy, const cnp.int64_t* heavy, Py_ssize_t nheavy,
+        const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads) noexcept nogil:
+    """One factorization (see :func:`update_blocked`).  With the transposed pattern
+    (``tptr``), ``wxy`` holds (D - nz) × D scratch doubles for the X/y rows' downdate."""
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
+    cdef Py_ssize_t nxy = D - nz
     cdef int k_i, ld_i
     cdef char tr = b'T'
     cdef double one = 1.0, mone = -1.0
@@ -263,6 +306,9 @@ cdef int update_blocked_core(
     cdef int n_i, lda_i
     cdef char uplo = b'U'
 
+    if tptr != NULL:
+        for a in range(nxy * D):
+            wxy[a] = 0.0
     # ---- L22 <- Λr' A22 Λr  (+ I on the random-effects rows); only the lower (block)
     # triangle, which is all dpotrf reads
     cdef bint groups = False
@@ -309,7 +355,9 @@ cdef int update_blocked_core(
                     for b in range(c):
                         s -= v[t * k1 + b] * blk[c * k1 + b]
                     v[t * k1 + c] = s / blk[c * k1 + c]
-            if j1 - j0 == 1 and tptr == NULL and (hflag == NULL or not hflag[j]):
+            if j1 - j0 == 1 and tptr != NULL and (hflag == NULL or not hflag[j]):
+                xy_accumulate(v, nr, k1, rows + p0, nxy, wxy, wxy + nz * nxy)
+            elif j1 - j0 == 1 and tptr == NULL and (hflag == NULL or not hflag[j]):
                 # ---- L22 -= V V' (lower triangle; rows are ascending)
                 downdate(L22, D, rows + p0, v, nr, k1, buf)
         if j1 - j0 > 1:
@@ -349,7 +397,13 @@ cdef int update_blocked_core(
         h0 = h1
 
     if tptr != NULL:
-        transposed_downdate(L22, D, k1, indptr, rows, L21, tptr, tidx, tlev, acc, nthreads)
+        transposed_downdate(L22, D, nz, k1, indptr, rows, L21, tptr, tidx, tlev, acc, nthreads)
+        for c in range(nz):                  # the X/y rows: W is (nz × nxy), then XX
+            for a in range(nxy):
+                L22[(nz + a) * D + c] -= wxy[c * nxy + a]
+        for a in range(nxy):
+            for b in range(a + 1):
+                L22[(nz + a) * D + nz + b] -= wxy[nz * nxy + a * nxy + b]
 
     # ---- dense Cholesky of L22 (row-major lower == column-major upper)
     n_i = <int>D
@@ -480,7 +534,7 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                                    &Tflat[0], &batch[0], nbatch,
                                    &L11_out[0, 0, 0], l21p, &L22_out[0, 0],
                                    &bufv[0] if nrmax * k1 >= BLAS_MIN else NULL, &wbv[0],
-                                   NULL, NULL, NULL, NULL,
+                                   NULL, NULL, NULL, NULL, NULL,
                                    &heavy[0] if nheavy > 0 else NULL, nheavy,
                                    &hfv[0] if nheavy > 0 else NULL, &hbv[0], hch, 1)
     return info
@@ -775,8 +829,8 @@ cdef class BlockedFactor:
     cdef const double[:, ::1] A21, A22
     cdef const cnp.int64_t[::1] indptr, rows, rk, rtoff, batch, rs_index, t1_index, tflat_index
     cdef const cnp.int64_t[::1] tptr, tidx, tlev
-    cdef double[::1] accv
-    cdef object acc
+    cdef double[::1] accv, wxyv
+    cdef object acc, wxy
     cdef bint transposed
     cdef double[:, :, ::1] L11v
     cdef double[:, ::1] L21v, L22v, T1v
@@ -843,6 +897,15 @@ cdef class BlockedFactor:
                                      or np.any(ip[tl] > ti) or np.any(ip[tl + 1] <= ti)
                                      or not rowwise[tl].all()))):
                 raise ValueError("transposed pattern does not match the panels")
+            # the X/y rows' downdate (xy_accumulate) takes the last D - nz rows of each
+            # panel to be the X/y rows nz..D-1
+            nxy = self.D - self.nz
+            lv = np.flatnonzero(rowwise)
+            ends = ip[lv + 1]
+            tail = np.asarray(self.rows)[(ends[:, None] - nxy + np.arange(nxy)).clip(0)]
+            if np.any(ip[lv + 1] - ip[lv] < nxy) or not np.array_equal(
+                    tail, np.broadcast_to(self.nz + np.arange(nxy), tail.shape)):
+                raise ValueError("every panel must end with the X/y rows of the dense block")
             # threads only where the row-wise downdate is big enough to pay for waking them
             # (under ~10⁷ updates it is a few ms; idle OpenMP threads then spin against
             # OpenBLAS's and make every evaluation slower)
@@ -853,6 +916,9 @@ cdef class BlockedFactor:
         self.fixed_threads = bool(os.environ.get("LMMFAST_NUM_THREADS", "").strip())
         self.acc = np.zeros(self.D * self.nthreads)       # one accumulator row per thread
         self.accv = self.acc
+        # the X/y rows' downdate (xy_accumulate): W (nz × nxy) then XX (nxy × nxy)
+        self.wxy = np.zeros((self.D - self.nz) * self.D if self.transposed else 1)
+        self.wxyv = self.wxy
 
     cpdef int factor(self, const double[::1] theta) except? -99:
         """Refactor Ω(θ) in place; 0 on success (else the kernel's info)."""
@@ -898,7 +964,7 @@ cdef class BlockedFactor:
                 &self.bufv[0] if self.use_buf else NULL, &self.wbufv[0],
                 &self.tptr[0] if self.transposed else NULL,
                 &self.tidx[0] if self.transposed else NULL,
-                &self.tlev[0] if self.transposed else NULL, &self.accv[0],
+                &self.tlev[0] if self.transposed else NULL, &self.accv[0], &self.wxyv[0],
                 &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
                 &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
                 nthreads)

@@ -315,12 +315,15 @@ def test_dense_inverse_matches_numpy(D, cut, seed):
 
 
 @pytest.mark.parametrize("formula", ["y ~ 1 + x + (1|g1) + (1 + x|g2)", "y ~ 1 + x + (1 + x|g1) + (1|g2)",
-                                     "y ~ x + (1 + x|g1)"])
+                                     "y ~ x + (1 + x|g1)", "y ~ x * f + (1|g1) + (1|g2)",
+                                     "y ~ x * f + (1 + x|g1) + (1|g2)"])
 def test_transposed_downdate_matches_per_level_and_dense(formula):
-    """The row-by-row (transposed) downdate used for large dense blocks gives the same factor."""
+    """The row-by-row (transposed) downdate used for large dense blocks, with the X/y rows
+    gathered column-wise (one to a dozen of them), gives the same factor."""
     import lmmfast
 
     df, _ = lmmfast.simulate.crossed(3000, 150, 40, slope=True, seed=3)
+    df["f"] = np.random.default_rng(4).integers(0, 6, len(df)).astype(str)   # a wide fixed part
     model = LinearMixedModel(formula, df, REML=True, method="blocked")
     theta = np.abs(np.random.default_rng(7).normal(size=model.ntheta)) + 0.2
     a = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets, transposed=False))
