@@ -253,7 +253,7 @@ cdef void xy_accumulate(const double* v, Py_ssize_t nr, Py_ssize_t k1,
     fixed parts, most of the downdate); here each level adds ⟨v_c, v_xa⟩ into W[row c, a]
     for its random-effects rows c (one contiguous nxy-vector) and its X/y × X/y products
     into XX (row-major nxy × nxy, lower triangle)."""
-    cdef Py_ssize_t t, a, b, c, r, nzr = nr - nxy
+    cdef Py_ssize_t t, a, b, c, nzr = nr - nxy
     cdef const double* vx = v + nzr * k1
     cdef double s
     cdef double* w
