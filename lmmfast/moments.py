@@ -57,6 +57,7 @@ def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3):
     beta = np.linalg.solve(XtX, X.T @ y) if XtX.size else np.zeros(0)
     r = y - X @ beta
     n = len(r)
+    var0 = float(r @ r) / max(n - p, 1)          # the OLS residual variance
     th = np.array(theta_start, dtype=float)
     step = np.full(len(th), np.nan)
     fits = [LevelFit(t) for t in terms]
@@ -82,7 +83,9 @@ def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3):
         b.inner = (a, np.bincount(bj, weights=a.cnt ** 2, minlength=b.t.nlevels) / nb ** 2)
     dof = n - p - sum(f.nfree for f in use)
     s2 = float(r @ r) / max(dof, 1)
-    if not s2 > 0:
+    if not s2 > 1e-10 * var0:
+        # the terms fit the response exactly (a response constant within levels): no
+        # residual variance to scale by, lme4's start
         return th, step
     # finest factors first: a nested factor's variance enters its outer factor's
     for f in sorted(use, key=lambda f: -f.t.nlevels):

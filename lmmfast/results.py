@@ -11,6 +11,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from .errors import DataError
 from .pls import deviance
 from .varcorr import term_covariances, varcorr_frame
 
@@ -56,9 +57,21 @@ class LmerFit:
         theta = np.asarray(optsummary.final, dtype=float)
         self.theta = theta
         pls = model.pls
+        if not math.isfinite(optsummary.fmin):
+            raise DataError(
+                "the objective is not finite at any θ the optimizer tried (start θ = "
+                f"{np.array2string(np.asarray(optsummary.initial), precision=4)}): Ω(θ) is "
+                "not positive definite there or the penalized residual sum of squares is 0. "
+                "A start given by hand may be too far out (try start='lme4'); a response "
+                "that a grouping factor or the fixed effects determine exactly (e.g. constant "
+                "within the levels of a random-effects term) leaves no residual variance")
         self._refactor()
         ldz, ldx, r2 = pls.pieces()
         n, p = model.nobs, model.p
+        if not r2 > 0:                               # pragma: no cover (fmin is finite)
+            raise DataError(f"the penalized residual sum of squares is 0 at θ = "
+                            f"{np.array2string(theta, precision=4)}: the model fits the "
+                            "response exactly and the residual variance is not identifiable")
         self.objective = deviance(ldz, ldx, r2, n, p, self.REML)
         self.loglik = -0.5 * self.objective
         self.sigma = math.sqrt(r2 / (n - p if self.REML else n))

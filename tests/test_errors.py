@@ -271,3 +271,29 @@ def test_missing_in_categorical_grouping_factor_drops_the_row(df):
     ref = lmmfast.lmer("y ~ x + (1 | g)", df.drop(index=[2, 9]))
     assert fit.objective == pytest.approx(ref.objective, rel=1e-12)
     assert list(fit.ranef["g"].index) == list(ref.ranef["g"].index)      # unused level dropped
+
+
+def _exact_response_frame(n=2000):
+    """A response constant within the levels of ``id`` (a subject-level covariate used as
+    the response): (1 | id) fits it exactly."""
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 200, n)
+    return pd.DataFrame({"id": ids.astype(str), "item": rng.integers(0, 24, n).astype(str),
+                         "y": rng.normal(size=200)[ids]})
+
+
+def test_exact_fit_of_the_response_is_not_a_start():
+    """The moment start has no residual variance to scale by: lme4's start, not θ ≈ 1e15."""
+    m = LinearMixedModel("y ~ 1 + (1 | id) + (1 | item)", _exact_response_frame())
+    np.testing.assert_array_equal(m.moment_start(), [1.0, 1.0])
+
+
+def test_no_finite_objective_is_a_clear_error_not_a_fit():
+    """From a start where Ω(θ) is numerically singular and the response is fitted exactly,
+    every evaluation is +inf: an error naming the start, never estimates computed from a
+    failed factorization."""
+    m = LinearMixedModel("y ~ 1 + (1 | id) + (1 | item)", _exact_response_frame())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match="not finite at any θ"):
+            m.fit(start=[1e15, 0.01])
