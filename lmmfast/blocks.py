@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _pls
+from .remat import weighted_counts
 
 __all__ = ["BlockedCrossprod"]
 
@@ -83,9 +84,10 @@ class BlockedCrossprod:
 
             # batched levels go through one rank-k update per batch, heavy ones through
             # dsyrk; the panels of the others, transposed (CSR -> CSC, a counting sort):
-            # per row of the dense block, the levels touching it (ascending) and where
+            # per random-effects row of the dense block, the levels touching it (ascending)
+            # and where.  The X/y rows are downdated column-wise (``_pls.xy_accumulate``).
             lev = np.repeat(np.arange(self.m1, dtype=np.int64), nr)
-            keep = np.flatnonzero((single & ~heavy)[lev])
+            keep = np.flatnonzero((single & ~heavy)[lev] & (self.rows < nz))
             kptr = np.zeros(self.m1 + 1, dtype=np.int64)
             np.cumsum(np.bincount(lev[keep], minlength=self.m1), out=kptr[1:])
             P = sp.csr_matrix((keep, self.rows[keep], kptr), shape=(self.m1, D)).tocsc()
@@ -124,16 +126,17 @@ class BlockedCrossprod:
             start = oi + np.arange(mi) * ki
             for a in range(ki):                       # Z_i'Z_i: block diagonal
                 for b in range(a + 1):
-                    A22[start + a, start + b] = _wsum(ti.codes, mi, _col(ti, a), _col(ti, b))
+                    A22[start + a, start + b] = weighted_counts(ti.codes, mi, ti.column(a),
+                                                                ti.column(b))
             for a in range(ki):                       # [X y]'Z_i
                 for c in range(Xy.shape[1]):
-                    A22[nz + c, start + a] = _wsum(ti.codes, mi, _col(ti, a), Xy[:, c])
+                    A22[nz + c, start + a] = weighted_counts(ti.codes, mi, ti.column(a), Xy[:, c])
             for tl, ol in zip(rest[i + 1:], offs[i + 1:]):   # Z_l'Z_i, later terms l
                 li, ll, inv = ti.pairs(tl)
                 for a in range(ki):
                     for b in range(tl.k):
-                        A22[ol + ll * tl.k + b, oi + li * ki + a] = _wsum(
-                            inv, len(li), _col(ti, a), _col(tl, b))
+                        A22[ol + ll * tl.k + b, oi + li * ki + a] = weighted_counts(
+                            inv, len(li), ti.column(a), tl.column(b))
         _pls.symmetrize_lower(A22)                     # symmetrise from the lower triangle
         return A22
 
@@ -149,12 +152,12 @@ class BlockedCrossprod:
             j, lev, inv = t1.pairs(ti)
             for a in range(ti.k):
                 keys.append(j * D + oi + lev * ti.k + a)
-                vals.append(np.column_stack([_wsum(inv, len(j), _col(ti, a), _col(t1, c))
-                                             for c in range(k1)]))
+                vals.append(np.column_stack([
+                    weighted_counts(inv, len(j), ti.column(a), t1.column(c)) for c in range(k1)]))
         for c in range(Xy.shape[1]):
             keys.append(np.arange(m1, dtype=np.int64) * D + nz + c)
-            vals.append(np.column_stack([_wsum(t1.codes, m1, Xy[:, c], _col(t1, b))
-                                         for b in range(k1)]))
+            vals.append(np.column_stack([
+                weighted_counts(t1.codes, m1, Xy[:, c], t1.column(b)) for b in range(k1)]))
         keys = np.concatenate(keys)
         order = np.argsort(keys, kind="stable")
         A21 = np.ascontiguousarray(np.concatenate(vals)[order])
@@ -181,21 +184,6 @@ class BlockedCrossprod:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.A11, self.A21, self.A22, self.rows, self.indptr))
-
-
-def _col(t, a):
-    """Column a of term t's model matrix; None for the intercept (all ones)."""
-    return None if t.cnames[a] == "(Intercept)" else t.X[:, a]
-
-
-def _wsum(codes, m: int, u, v):
-    """Σ over the rows of each code of u·v (None: a column of ones), as a length-m vector;
-    a plain count when both are ones (no n-long temporaries)."""
-    if u is None:
-        u, v = v, None
-    if u is None:
-        return np.bincount(codes, minlength=m).astype(float)
-    return np.bincount(codes, weights=u if v is None else u * v, minlength=m)
 
 
 def _tril_map(k: int, toff: int) -> list:

@@ -144,6 +144,11 @@ class ReTerm:
         if self.X.shape[1] == 0:
             raise FormulaError(f"random-effects term {bar} has no columns")
 
+    def column(self, a: int):
+        """Column a of the term's model matrix; None for the intercept (all ones), which
+        :func:`weighted_counts` then never multiplies."""
+        return None if self.cnames[a] == "(Intercept)" else self.X[:, a]
+
     def level_gram(self) -> np.ndarray:
         """Per level j, the k × k cross-product X_j'X_j of the term's columns over its rows
         (the diagonal blocks of Z_i'Z_i), as an (m, k, k) array."""
@@ -151,7 +156,7 @@ class ReTerm:
         G = np.empty((m, k, k))
         for a in range(k):
             for b in range(a + 1):
-                v = np.bincount(self.codes, weights=self.X[:, a] * self.X[:, b], minlength=m)
+                v = weighted_counts(self.codes, m, self.column(a), self.column(b))
                 G[:, a, b] = v
                 G[:, b, a] = v
         return G
@@ -218,6 +223,17 @@ class ReTerm:
 
     def __repr__(self):
         return f"ReTerm({self.bar}, levels={self.nlevels}, k={self.k})"
+
+
+def weighted_counts(codes, m: int, u, v):
+    """Σ of u·v over the rows of each code, a length-m vector; None stands for a column of
+    ones (an intercept), so no n-long product or array of ones is formed, and with both
+    None it is a plain count."""
+    if u is None:
+        u, v = v, None
+    if u is None:
+        return np.bincount(codes, minlength=m).astype(float)
+    return np.bincount(codes, weights=u if v is None else u * v, minlength=m)
 
 
 def _tril_colmajor(k: int):

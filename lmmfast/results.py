@@ -68,10 +68,6 @@ class LmerFit:
         self._refactor()
         ldz, ldx, r2 = pls.pieces()
         n, p = model.nobs, model.p
-        if not r2 > 0:                               # pragma: no cover (fmin is finite)
-            raise DataError(f"the penalized residual sum of squares is 0 at θ = "
-                            f"{np.array2string(theta, precision=4)}: the model fits the "
-                            "response exactly and the residual variance is not identifiable")
         self.objective = deviance(ldz, ldx, r2, n, p, self.REML)
         self.loglik = -0.5 * self.objective
         self.sigma = math.sqrt(r2 / (n - p if self.REML else n))
