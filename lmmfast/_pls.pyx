@@ -30,6 +30,7 @@ from libc.math cimport sqrt, log, INFINITY, M_PI
 from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_lapack cimport dpotrf, dpotri
 from scipy.linalg.cython_blas cimport dsyrk, dgemm, dtrsv
+from cpython.pycapsule cimport PyCapsule_New
 
 cnp.import_array()
 
@@ -925,18 +926,12 @@ cdef class BlockedFactor:
         self.wxy = np.zeros((self.D - self.nz) * self.D if self.transposed else 1)
         self.wxyv = self.wxy
 
-    cpdef int factor(self, const double[::1] theta) except? -99:
-        """Refactor Ω(θ) in place; 0 on success (else the kernel's info)."""
-        cdef Py_ssize_t i, nt = theta.shape[0], ix
-        cdef int info
-        for i in range(self.t1_index.shape[0]):
-            ix = self.t1_index[i]
-            if ix >= nt:
-                raise ValueError("theta is too short for this model")
+    cdef int _threads(self) noexcept:
+        """Threads for the next factorization: OpenMP's current limit (OMP_NUM_THREADS,
+        omp_set_num_threads, threadpoolctl) unless LMMFAST_NUM_THREADS fixed the count."""
         global _omp_used
         cdef int nthreads = self.nthreads
         if nthreads > 1 and not self.fixed_threads:
-            # OpenMP's current limit: OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl
             nthreads = max(1, min(nthreads, lmmfast_omp_max_threads()))
         if nthreads > 1:
             if _omp_forked:          # GNU OpenMP's threads do not survive a fork: one thread
@@ -944,36 +939,116 @@ cdef class BlockedFactor:
             else:
                 _omp_used = True
         self.last_nthreads = nthreads
+        return nthreads
+
+    cdef int _factor_ptr(self, const double* theta, int nthreads) noexcept nogil:
+        """Map θ (of the length ``self.theta`` was made for) onto T1, the row scales and
+        the group factors, and refactor; the kernel's info."""
+        cdef Py_ssize_t i, ix
+        for i in range(self.thv.shape[0]):
+            self.thv[i] = theta[i]
+        for i in range(self.k1 * self.k1):
+            ix = self.t1_index[i]
+            self.T1v[i // self.k1, i % self.k1] = theta[ix] if ix >= 0 else 0.0
+        for i in range(self.D):
+            ix = self.rs_index[i]
+            self.rsv[i] = theta[ix] if ix >= 0 else 1.0
+        for i in range(self.tflat_index.shape[0]):
+            ix = self.tflat_index[i]
+            self.tfv[i] = theta[ix] if ix >= 0 else 0.0
+        return update_blocked_core(
+            &self.A11[0, 0, 0], self.m1, self.k1, &self.T1v[0, 0], &self.indptr[0],
+            &self.rows[0] if self.rows.shape[0] > 0 else NULL,
+            &self.A21[0, 0] if self.A21.shape[0] > 0 else NULL,
+            &self.A22[0, 0], self.D, self.nz, &self.rsv[0], &self.rk[0], &self.rtoff[0],
+            &self.tfv[0], &self.batch[0], self.nbatch, &self.L11v[0, 0, 0],
+            &self.L21v[0, 0] if self.L21v.shape[0] > 0 else NULL, &self.L22v[0, 0],
+            &self.bufv[0] if self.use_buf else NULL, &self.wbufv[0],
+            &self.tptr[0] if self.transposed else NULL,
+            &self.tidx[0] if self.transposed else NULL,
+            &self.tlev[0] if self.transposed else NULL, &self.accv[0], &self.wxyv[0],
+            &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
+            &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
+            nthreads)
+
+    cdef void _pieces(self, double* ldz, double* ldx, double* r2) noexcept nogil:
+        cdef Py_ssize_t j, a
+        cdef double lz = 0.0, lx = 0.0, r
+        for j in range(self.m1):
+            for a in range(self.k1):
+                lz += log(self.L11v[j, a, a])
+        for a in range(self.nz):
+            lz += log(self.L22v[a, a])
+        for a in range(self.nz, self.D - 1):
+            lx += log(self.L22v[a, a])
+        r = self.L22v[self.D - 1, self.D - 1]
+        ldz[0], ldx[0], r2[0] = 2.0 * lz, 2.0 * lx, r * r
+
+    cdef double _deviance(self, bint reml) noexcept nogil:
+        """Profiled deviance (JSS eq. 34) or REML criterion (eq. 41) of the current factor;
+        +inf when r² is not positive."""
+        cdef double ldz, ldx, r2, nn
+        self._pieces(&ldz, &ldx, &r2)
+        if not (r2 > 0.0):
+            return INFINITY
+        if reml:
+            nn = <double>(self.n - self.p)
+            return ldz + ldx + nn * (1.0 + LOG2PI + log(r2 / nn))
+        nn = <double>self.n
+        return ldz + nn * (1.0 + LOG2PI + log(r2 / nn))
+
+    cdef int _check_theta(self, Py_ssize_t nt) except -1:
+        """θ of length ``nt`` must cover every index the maps use; sizes ``self.theta``."""
+        for idx in (self.xp.t1_index, self.xp.rs_index, self.xp.tflat_index):
+            if len(idx) and int(np.max(idx)) >= nt:
+                raise ValueError("theta is too short for this model")
         if self.theta is None or self.theta.shape[0] != nt:
             self.theta = np.empty(nt)
             self.thv = self.theta
-        for i in range(nt):
-            self.thv[i] = theta[i]
+        return 0
+
+    cpdef int factor(self, const double[::1] theta) except? -99:
+        """Refactor Ω(θ) in place; 0 on success (else the kernel's info)."""
+        cdef int info, nthreads
+        if self.theta is None or self.theta.shape[0] != theta.shape[0]:
+            self._check_theta(theta.shape[0])
+        nthreads = self._threads()
         with nogil:
-            for i in range(self.k1 * self.k1):
-                ix = self.t1_index[i]
-                self.T1v[i // self.k1, i % self.k1] = theta[ix] if ix >= 0 else 0.0
-            for i in range(self.D):
-                ix = self.rs_index[i]
-                self.rsv[i] = theta[ix] if ix >= 0 else 1.0
-            for i in range(self.tflat_index.shape[0]):
-                ix = self.tflat_index[i]
-                self.tfv[i] = theta[ix] if ix >= 0 else 0.0
-            info = update_blocked_core(
-                &self.A11[0, 0, 0], self.m1, self.k1, &self.T1v[0, 0], &self.indptr[0],
-                &self.rows[0] if self.rows.shape[0] > 0 else NULL,
-                &self.A21[0, 0] if self.A21.shape[0] > 0 else NULL,
-                &self.A22[0, 0], self.D, self.nz, &self.rsv[0], &self.rk[0], &self.rtoff[0],
-                &self.tfv[0], &self.batch[0], self.nbatch, &self.L11v[0, 0, 0],
-                &self.L21v[0, 0] if self.L21v.shape[0] > 0 else NULL, &self.L22v[0, 0],
-                &self.bufv[0] if self.use_buf else NULL, &self.wbufv[0],
-                &self.tptr[0] if self.transposed else NULL,
-                &self.tidx[0] if self.transposed else NULL,
-                &self.tlev[0] if self.transposed else NULL, &self.accv[0], &self.wxyv[0],
-                &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
-                &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
-                nthreads)
+            info = self._factor_ptr(&theta[0] if theta.shape[0] else NULL, nthreads)
         return info
+
+    cdef double _objective_ptr(self, const double* theta, bint reml) noexcept:
+        """The objective at θ of the length checked by :meth:`objective_capsule`."""
+        cdef int nthreads = self._threads(), info
+        cdef double f
+        with nogil:
+            info = self._factor_ptr(theta, nthreads)
+            f = self._deviance(reml) if info == 0 else INFINITY
+        return f
+
+    def objective_capsule(self, bint reml, Py_ssize_t ntheta):
+        """The objective as a C function for a compiled optimizer loop.
+
+        Returns a ``PyCapsule`` named ``"lmmfast.theta_objective"`` holding a
+        ``double (*)(void *factor, const double *theta)`` to be called with this factor
+        (kept alive by the caller) and θ of length ``ntheta`` (checked here, once), with
+        the GIL held; the factorization itself runs without it."""
+        self._check_theta(ntheta)
+        return PyCapsule_New(<void*>(_reml_objective if reml else _ml_objective),
+                             b"lmmfast.theta_objective", NULL)
+
+    cpdef tuple pieces(self):
+        """(log|L_θ|², log|R_X|², r²) of the current factor."""
+        cdef double ldz, ldx, r2
+        with nogil:
+            self._pieces(&ldz, &ldx, &r2)
+        return ldz, ldx, r2
+
+    cpdef double objective(self, const double[::1] theta, bint reml) except? -1.0:
+        """Profiled deviance (ML) or REML criterion at θ; +inf where Ω(θ) is not PD."""
+        if self.factor(theta) != 0:
+            return INFINITY
+        return self._deviance(reml)
 
     def solve_dense(self):
         """z solving L22[:D-1, :D-1]' z = L22[D-1, :D-1]: the dense block's solution.
@@ -995,31 +1070,10 @@ cdef class BlockedFactor:
             dtrsv(&up, &nt, &nd, &n_i, &self.L22v[0, 0], &lda, &zv[0], &inc)
         return z
 
-    cpdef tuple pieces(self):
-        """(log|L_θ|², log|R_X|², r²) of the current factor."""
-        cdef Py_ssize_t j, a
-        cdef double ldz = 0.0, ldx = 0.0, r
-        with nogil:
-            for j in range(self.m1):
-                for a in range(self.k1):
-                    ldz += log(self.L11v[j, a, a])
-            for a in range(self.nz):
-                ldz += log(self.L22v[a, a])
-            for a in range(self.nz, self.D - 1):
-                ldx += log(self.L22v[a, a])
-            r = self.L22v[self.D - 1, self.D - 1]
-        return 2.0 * ldz, 2.0 * ldx, r * r
 
-    cpdef double objective(self, const double[::1] theta, bint reml) except? -1.0:
-        """Profiled deviance (ML) or REML criterion at θ; +inf where Ω(θ) is not PD."""
-        cdef double ldz, ldx, r2, nn
-        if self.factor(theta) != 0:
-            return INFINITY
-        ldz, ldx, r2 = self.pieces()
-        if not (r2 > 0.0):
-            return INFINITY
-        if reml:
-            nn = <double>(self.n - self.p)
-            return ldz + ldx + nn * (1.0 + LOG2PI + log(r2 / nn))
-        nn = <double>self.n
-        return ldz + nn * (1.0 + LOG2PI + log(r2 / nn))
+cdef double _ml_objective(void* factor, const double* theta) noexcept:
+    return (<BlockedFactor>factor)._objective_ptr(theta, False)
+
+
+cdef double _reml_objective(void* factor, const double* theta) noexcept:
+    return (<BlockedFactor>factor)._objective_ptr(theta, True)

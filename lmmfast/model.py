@@ -201,8 +201,11 @@ class LinearMixedModel:
                 # moment estimate (it is close: 7-15 evaluations on large crossed models),
                 # nlopt's default (a quarter of |θ|, or 1) elsewhere.
                 control["initial_step"] = step * np.maximum(x0, 0.1)
+            compiled = getattr(self.pls, "compiled_objective", None)
             opt = minimize_bobyqa(self.pls.objective_function(self.REML), x0,
-                                  self.theta_lower, verbose=verbose, callback=callback, **control)
+                                  self.theta_lower, verbose=verbose, callback=callback,
+                                  compiled=compiled(self.REML, self.ntheta) if compiled else None,
+                                  **control)
         return LmerFit(self, opt)
 
     def __repr__(self):

@@ -10,6 +10,11 @@ import numpy as np
 
 from .errors import ConvergenceWarning
 
+try:                      # built where nlopt's C library is found (libnlopt-dev)
+    from . import _optim
+except ImportError:       # pragma: no cover (then nlopt's Python interface runs the loop)
+    _optim = None
+
 __all__ = ["OptSummary", "minimize_bobyqa", "minimize_lbfgs"]
 
 # nlopt's return codes
@@ -248,7 +253,8 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=None, ftol=1e-15, maxeval=100000,
 
 
 def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-12,
-                    maxeval=100000, initial_step=None, verbose=False, callback=None):
+                    maxeval=100000, initial_step=None, verbose=False, callback=None,
+                    compiled=None):
     """Minimise ``fn`` over θ with nlopt's BOBYQA under lme4's bounds and tolerances.
 
     lme4's default ``lmer`` optimizer is ``nloptwrap`` (NLOPT_LN_BOBYQA, ``xtol_abs = 1e-8``,
@@ -256,6 +262,12 @@ def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-
     that only chase rounding noise on large objectives (relative changes below 1e-12).
     After the optimizer stops, components that end within 1e-5 of their bound of 0 are
     tried at the bound (lme4's ``check.boundary``), kept when the objective is not worse.
+
+    ``compiled``, a ``(capsule, context)`` pair computing ``fn`` in C (see
+    ``BlockedPLS.compiled_objective``), lets nlopt's C library run the loop without
+    entering Python per evaluation (small models spend most of their fit there); it is
+    used when lmmfast was built with nlopt's C headers and there is nothing to report per
+    evaluation (no ``verbose``, no ``callback``).  Same algorithm, same settings.
 
     Returns
     -------
@@ -269,26 +281,22 @@ def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-
                       ftol_rel=ftol_rel, maxeval=maxeval)
     f = _Counted(fn, verbose, callback)
     t0 = time.perf_counter()
-    opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
-    opt.set_min_objective(f)
-    opt.set_lower_bounds(np.where(np.isfinite(lower), lower, -np.inf))
-    opt.set_xtol_abs(xtol_abs)
-    opt.set_ftol_abs(ftol_abs)
-    if ftol_rel:
-        opt.set_ftol_rel(ftol_rel)
-    opt.set_maxeval(int(maxeval))
+    step = None
     if initial_step is not None:
-        step = np.broadcast_to(np.asarray(initial_step, dtype=float), x0.shape)
-        step = np.where(np.isnan(step), opt.get_initial_step(x0), step)   # NaN: nlopt's default
-        opt.set_initial_step(step)
-    try:
-        x = opt.optimize(x0)
-        code = opt.last_optimize_result()
-    except nlopt.RoundoffLimited:
-        x, code = f.best_x, -4
-    except (RuntimeError, ValueError) as e:  # nlopt.failure and friends
-        x, code = f.best_x, -1
-        summ.messages.append(f"optimizer failed: {e}")
+        step = np.array(np.broadcast_to(np.asarray(initial_step, dtype=float), x0.shape))
+    lb = np.where(np.isfinite(lower), lower, -np.inf)
+    if compiled is not None and _optim is not None and not verbose and callback is None:
+        if step is not None and np.isnan(step).any():
+            step = np.where(np.isnan(step), _default_step(nlopt, x0, lb), step)
+        x, code, f.n, f.best_x, f.best_f = _optim.bobyqa(
+            compiled[0], compiled[1], x0, lb, xtol_abs, ftol_abs, ftol_rel, maxeval, step)
+        if code < 0:
+            if code != -4:
+                summ.messages.append(f"optimizer failed: {_NLOPT_CODES.get(code, code)}")
+            x = f.best_x
+    else:
+        x, code = _bobyqa_python(nlopt, f, x0, lb, xtol_abs, ftol_abs, ftol_rel, maxeval, step,
+                                 summ)
     if x is None:
         x = x0
     x = np.asarray(x, dtype=float)
@@ -299,3 +307,34 @@ def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-
         f.n += 1
     summ.converged = code > 0 and code != 5
     return _finish(summ, fn, f, x, fx, lower, code, _NLOPT_CODES, t0)
+
+
+def _default_step(nlopt, x0, lb):
+    """nlopt's default first step at ``x0`` under the lower bounds ``lb``."""
+    opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
+    opt.set_lower_bounds(lb)
+    return opt.get_initial_step(x0)
+
+
+def _bobyqa_python(nlopt, f, x0, lb, xtol_abs, ftol_abs, ftol_rel, maxeval, step, summ):
+    """BOBYQA through nlopt's Python interface, ``f`` called per evaluation; (x, code)."""
+    opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
+    opt.set_min_objective(f)
+    opt.set_lower_bounds(lb)
+    opt.set_xtol_abs(xtol_abs)
+    opt.set_ftol_abs(ftol_abs)
+    if ftol_rel:
+        opt.set_ftol_rel(ftol_rel)
+    opt.set_maxeval(int(maxeval))
+    if step is not None:
+        step = np.where(np.isnan(step), opt.get_initial_step(x0), step)   # NaN: nlopt's default
+        opt.set_initial_step(step)
+    try:
+        x = opt.optimize(x0)
+        code = opt.last_optimize_result()
+    except nlopt.RoundoffLimited:
+        x, code = f.best_x, -4
+    except (RuntimeError, ValueError) as e:  # nlopt.failure and friends
+        x, code = f.best_x, -1
+        summ.messages.append(f"optimizer failed: {e}")
+    return x, code

@@ -88,6 +88,12 @@ class BlockedPLS:
         (θ must be a contiguous float64 array, as optimizers pass it)."""
         return partial(self._f.objective, reml=reml)
 
+    def compiled_objective(self, reml: bool, ntheta: int):
+        """The objective as ``(capsule, context)`` for a compiled optimizer loop
+        (:func:`lmmfast._optim.bobyqa`): a C function of θ (length ``ntheta``) and the
+        factor it updates."""
+        return self._f.objective_capsule(reml, ntheta), self._f
+
     # ------------------------------------------------------------------ solutions
     def _split_rest(self, v):
         """Split a vector over the dense block's random-effects rows into per-term arrays."""

@@ -5,8 +5,9 @@
 #   bash tools/setup.sh test      # install with test extras, then run the test suite
 #
 # Installs the system packages lmmfast builds against when they are missing
-# (SuiteSparse/CHOLMOD headers, OpenBLAS, a C compiler, Python headers and venv), creates
-# a virtual environment in .venv and installs lmmfast into it with pip (meson-python build).
+# (SuiteSparse/CHOLMOD headers, OpenBLAS, nlopt's C headers, a C compiler, Python headers
+# and venv), creates a virtual environment in .venv and installs lmmfast into it with pip
+# (meson-python build).
 # Extra arguments after `test` go to pytest (e.g. `bash tools/setup.sh test -m slow`).
 set -euo pipefail
 
@@ -25,7 +26,7 @@ as_root() {
 missing=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 if command -v dpkg-query >/dev/null; then
-    for p in libsuitesparse-dev libopenblas-dev pkg-config; do have_pkg "$p" || missing+=("$p"); done
+    for p in libsuitesparse-dev libopenblas-dev libnlopt-dev pkg-config; do have_pkg "$p" || missing+=("$p"); done
     command -v cc >/dev/null || missing+=(build-essential)
     command -v "$PY" >/dev/null || missing+=(python3)
     if command -v "$PY" >/dev/null; then
