@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled kernels of the random-effects bookkeeping (level codes of pairs of factors).
+"""Compiled kernels of the random-effects bookkeeping (level codes of pairs of factors) and
+the cross-products of small models in one pass (:func:`dense_crossprod`).
 
 ``pair_codes`` is ``np.unique(a * mb + b, return_inverse=True)`` split back into its two
 factors, computed in O(n + ma + mb) time: rows are bucketed by ``a`` (a counting sort),
@@ -115,3 +116,171 @@ def pair_codes_reference(a, ma, b, mb):
     keys = np.asarray(a, dtype=np.int64) * mb + np.asarray(b, dtype=np.int64)
     u, inv = np.unique(keys, return_inverse=True)
     return u // mb, u % mb, inv.ravel().astype(np.int64)
+
+
+cdef void dense_crossprod_core(const cnp.int64_t* codes1, const double* Z1, Py_ssize_t k1,
+                               const cnp.int64_t* R, const double* V, Py_ssize_t w,
+                               Py_ssize_t n, Py_ssize_t D, double* A11, double* P,
+                               cnp.uint8_t* touched, double* A22) noexcept nogil:
+    cdef Py_ssize_t i, j, a, b, t, u, rt
+    cdef const double* z
+    cdef const cnp.int64_t* rr
+    cdef const double* vv
+    cdef double s
+    cdef double* pj
+    for i in range(n):
+        j = codes1[i]
+        z = Z1 + i * k1
+        rr = R + i * w
+        vv = V + i * w
+        for a in range(k1):
+            for b in range(k1):
+                A11[(j * k1 + a) * k1 + b] += z[a] * z[b]
+        pj = P + j * D * k1
+        for t in range(w):
+            rt = rr[t]
+            s = vv[t]
+            touched[j * D + rt] = 1
+            for a in range(k1):
+                pj[rt * k1 + a] += s * z[a]
+            for u in range(t + 1):
+                A22[rt * D + rr[u]] += s * vv[u]
+
+
+def dense_crossprod(const cnp.int64_t[::1] codes1, Py_ssize_t m1, const double[:, ::1] Z1,
+                    const cnp.int64_t[:, ::1] R, const double[:, ::1] V, Py_ssize_t D):
+    """The blocked cross-products of a small model in one pass over the rows.
+
+    Row i of the data has level ``codes1[i]`` of term 1 with values ``Z1[i]`` (its k1
+    columns), and its row of the dense block ``[Z_rest X y]`` is sparse: values ``V[i]``
+    at positions ``R[i]`` (strictly ascending, in [0, D)).
+
+    Returns
+    -------
+    A11 : (m1, k1, k1)
+        Z1'Z1 per level of term 1.
+    A22 : (D, D)
+        [Z_rest X y]'[Z_rest X y], symmetric.
+    indptr, rows : (m1 + 1,), (nnz,) int64
+        The panel pattern: level j's rows of the dense block (those its data rows have
+        an entry at, whatever the value), ascending, are ``rows[indptr[j]:indptr[j+1]]``.
+    A21 : (nnz, k1)
+        The panels of [Z_rest X y]'Z1 on that pattern.
+
+    The coupling is accumulated densely (m1·D·k1 doubles): for models where that is a
+    few MB.  The numpy oracle is :func:`dense_crossprod_reference`.
+    """
+    cdef Py_ssize_t n = codes1.shape[0], k1 = Z1.shape[1], w = R.shape[1], i, t, j, r, a, nnz
+    if Z1.shape[0] != n or R.shape[0] != n or V.shape[0] != n or V.shape[1] != w:
+        raise ValueError("codes1, Z1, R and V must have one row per observation")
+    if m1 < 1 or D < 1 or k1 < 1:
+        raise ValueError("m1, D and the columns of Z1 must be positive")
+    cdef bint bad_code = False, bad_row = False
+    with nogil:
+        for i in range(n):
+            if codes1[i] < 0 or codes1[i] >= m1:
+                bad_code = True
+                break
+            for t in range(w):
+                if R[i, t] < 0 or R[i, t] >= D or (t > 0 and R[i, t] <= R[i, t - 1]):
+                    bad_row = True
+                    break
+            if bad_row:
+                break
+    if bad_code:
+        raise ValueError("codes1 must lie in [0, m1)")
+    if bad_row:
+        raise ValueError("the positions R of each row must be strictly ascending, in [0, D)")
+    A11 = np.zeros((m1, k1, k1))
+    P = np.zeros((m1, D, k1))
+    touched = np.zeros((m1, D), dtype=np.uint8)
+    A22 = np.zeros((D, D))
+    indptr = np.zeros(m1 + 1, dtype=np.int64)
+    cdef double[:, :, ::1] a11 = A11, pv = P
+    cdef cnp.uint8_t[:, ::1] tv = touched
+    cdef double[:, ::1] a22 = A22
+    cdef cnp.int64_t[::1] ip = indptr
+    with nogil:
+        if n:
+            dense_crossprod_core(&codes1[0], &Z1[0, 0], k1, &R[0, 0] if w else NULL,
+                                 &V[0, 0] if w else NULL, w, n, D, &a11[0, 0, 0],
+                                 &pv[0, 0, 0], &tv[0, 0], &a22[0, 0])
+        for r in range(D):
+            for t in range(r):
+                a22[t, r] = a22[r, t]
+        for j in range(m1):
+            nnz = 0
+            for r in range(D):
+                nnz += tv[j, r]
+            ip[j + 1] = ip[j] + nnz
+    rows = np.empty(indptr[m1], dtype=np.int64)
+    A21 = np.empty((indptr[m1], k1))
+    cdef cnp.int64_t[::1] rv = rows
+    cdef double[:, ::1] a21 = A21
+    with nogil:
+        t = 0
+        for j in range(m1):
+            for r in range(D):
+                if tv[j, r]:
+                    rv[t] = r
+                    for a in range(k1):
+                        a21[t, a] = pv[j, r, a]
+                    t += 1
+    return A11, A22, indptr, rows, A21
+
+
+def dense_crossprod_reference(codes1, m1, Z1, R, V, D):
+    """numpy oracle of :func:`dense_crossprod`: dense Z1 (n × k1) and W (n × D)."""
+    codes1 = np.asarray(codes1)
+    n, k1 = Z1.shape
+    W = np.zeros((n, D))
+    hit = np.zeros((n, D), dtype=bool)
+    for t in range(R.shape[1]):
+        W[np.arange(n), R[:, t]] = V[:, t]
+        hit[np.arange(n), R[:, t]] = True
+    A11 = np.stack([Z1[codes1 == j].T @ Z1[codes1 == j] for j in range(m1)])
+    pats = [np.flatnonzero(hit[codes1 == j].any(axis=0)) for j in range(m1)]
+    panels = [(W[codes1 == j].T @ Z1[codes1 == j])[pat] for j, pat in enumerate(pats)]
+    indptr = np.concatenate([[0], np.cumsum([len(pat) for pat in pats])]).astype(np.int64)
+    return (A11, W.T @ W, indptr, np.concatenate(pats).astype(np.int64),
+            np.concatenate(panels).reshape(-1, k1))
+
+
+def panel_batches(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows):
+    """Boundaries of runs of consecutive levels whose panels cover the same contiguous
+    rows (``blocks.BlockedCrossprod``: they downdate in one rank-k update).
+
+    Level j's panel is ``rows[indptr[j]:indptr[j+1]]`` (ascending).  Returns the run
+    starts followed by the number of levels.  Oracle: ``blocks.panel_batches_reference``.
+    """
+    cdef Py_ssize_t m = indptr.shape[0] - 1, j, nb = 0
+    if m < 0:
+        raise ValueError("indptr must have at least one entry")
+    cdef Py_ssize_t nrows = rows.shape[0]
+    with nogil:
+        for j in range(m):
+            if indptr[j] < 0 or indptr[j + 1] < indptr[j] or indptr[j + 1] > nrows:
+                nb = -1
+                break
+    if nb < 0 or (m and indptr[m] != nrows):
+        raise ValueError("indptr must be non-decreasing from 0 to len(rows)")
+    out = np.empty(m + 1, dtype=np.int64)
+    cdef cnp.int64_t[::1] ov = out
+    cdef bint contig_prev = False, contig, same
+    cdef Py_ssize_t nr, nr_prev = -1, first, first_prev = -1
+    with nogil:
+        for j in range(m):
+            nr = indptr[j + 1] - indptr[j]
+            if nr:
+                first = rows[indptr[j]]
+                contig = rows[indptr[j + 1] - 1] - first == nr - 1
+            else:
+                first = 0
+                contig = True
+            same = j > 0 and first == first_prev and nr == nr_prev and contig and contig_prev
+            if not same:
+                ov[nb] = j
+                nb += 1
+            first_prev, nr_prev, contig_prev = first, nr, contig
+        ov[nb] = m
+    return out[:nb + 1].copy()

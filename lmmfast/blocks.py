@@ -14,7 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from . import _pls
+from ._remat import dense_crossprod, panel_batches
 from .remat import weighted_counts
+
+# Models whose coupling [Z_rest X y]'Z1 fits in SMALL_COUPLING doubles held densely, and
+# whose rows carry at most SMALL_WORK products into the dense block, form their
+# cross-products in one compiled pass (BlockedCrossprod._small).
+SMALL_COUPLING = 2 ** 16
+SMALL_WORK = 2 ** 22
 
 __all__ = ["BlockedCrossprod"]
 
@@ -48,9 +55,6 @@ class BlockedCrossprod:
         self.p = p
         self.n = n
         self.term_shapes = [(t.nlevels, t.k) for t in terms]
-        # ---- block 1: Z1'Z1, one k1×k1 block per level
-        self.A11 = t1.level_gram()
-
         # ---- dense block rows: rest terms, X, y
         offs, o = [], 0
         for t in rest:
@@ -59,19 +63,27 @@ class BlockedCrossprod:
         self.rest_offsets = offs
         self.nz = nz = o
         self.D = D = nz + p + 1
-        # [X y] column-major: each column is one contiguous vector for bincount's weights
-        Xy = np.empty((n, p + 1), order="F")
-        Xy[:, :p] = X
-        Xy[:, p] = y
-        self.A22 = self._dense_block(rest, offs, Xy, nz, D)
-        self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, Xy, nz, D)
-        self.batch = self._batches(self.indptr, self.rows)
+        w = sum(t.k for t in rest) + p + 1          # entries of a data row in the dense block
+        if self.m1 * D * self.k1 <= SMALL_COUPLING and n * w * (w + 1) // 2 <= SMALL_WORK:
+            self.A11, self.A22, self.indptr, self.rows, self.A21 = self._small(
+                t1, rest, offs, X, y, D)
+        else:
+            # ---- block 1: Z1'Z1, one k1×k1 block per level
+            self.A11 = t1.level_gram()
+            # [X y] column-major: each column is one contiguous vector for bincount's weights
+            Xy = np.empty((n, p + 1), order="F")
+            Xy[:, :p] = X
+            Xy[:, p] = y
+            self.A22 = self._dense_block(rest, offs, Xy, nz, D)
+            self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, Xy, nz, D)
+        self.batch = panel_batches(self.indptr, self.rows)
         nr = np.diff(self.indptr)
         single = np.zeros(self.m1, dtype=bool)
         bsize = np.diff(self.batch)
         single[self.batch[:-1][bsize == 1]] = True
         if heavy_rows is None:   # and big enough for BLAS to pay
-            heavy = single & (nr > max(D // 8, 1)) & (nr * self.k1 >= 256)
+            heavy = (single & (nr > max(D // 8, 1)) & (nr * self.k1 >= 256) if D * self.k1 >= 256
+                     else np.zeros(self.m1, dtype=bool))
         else:
             heavy = single & (nr > heavy_rows)
         self.heavy = np.flatnonzero(heavy).astype(np.int64)
@@ -115,6 +127,28 @@ class BlockedCrossprod:
         self.rs_index = rs_index
         self.tflat_index = np.asarray(tflat_index, dtype=np.int64)
         self.t1_index = np.asarray(_tril_map(self.k1, theta_offsets[0]), dtype=np.int64)
+
+    @staticmethod
+    def _small(t1, rest, offs, X, y, D):
+        """(A11, A22, indptr, rows, A21) in one compiled pass over the rows
+        (:func:`lmmfast._remat.dense_crossprod`): the coupling held densely, then its
+        touched entries taken as the panels.  For small models, where the term-by-term
+        path below is dozens of numpy calls of a few µs each."""
+        n, p = X.shape
+        w = sum(t.k for t in rest) + p + 1
+        R = np.empty((n, w), dtype=np.int64)
+        V = np.empty((n, w))
+        c = 0
+        for t, o in zip(rest, offs):
+            base = o + t.codes * t.k
+            for a in range(t.k):
+                R[:, c] = base + a
+                V[:, c] = t.X[:, a]
+                c += 1
+        R[:, c:] = D - p - 1 + np.arange(p + 1)
+        V[:, c: c + p] = X
+        V[:, c + p] = y
+        return dense_crossprod(t1.codes, t1.nlevels, t1.X, R, V, D)
 
     @staticmethod
     def _dense_block(rest, offs, Xy, nz, D):
@@ -166,24 +200,24 @@ class BlockedCrossprod:
         np.cumsum(np.bincount(j, minlength=m1), out=indptr[1:])
         return indptr, np.ascontiguousarray(rows, dtype=np.int64), A21
 
-    @staticmethod
-    def _batches(indptr, rows):
-        """Boundaries of runs of consecutive levels of term 1 whose panels cover the same
-        contiguous rows (fully crossed designs: every subject sees every item), so that
-        their downdates can go in one rank-k update."""
-        nr = np.diff(indptr)
-        m1 = len(nr)
-        if m1 == 0:
-            return np.zeros(1, dtype=np.int64)
-        first = rows[indptr[:-1]] if len(rows) else np.zeros(m1, dtype=np.int64)
-        contig = (rows[indptr[1:] - 1] - first == nr - 1) if len(rows) else np.ones(m1, bool)
-        same = np.zeros(m1, dtype=bool)
-        same[1:] = (first[1:] == first[:-1]) & (nr[1:] == nr[:-1]) & contig[1:] & contig[:-1]
-        return np.append(np.flatnonzero(~same), m1).astype(np.int64)
-
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.A11, self.A21, self.A22, self.rows, self.indptr))
+
+
+def panel_batches_reference(indptr, rows):
+    """numpy oracle of :func:`lmmfast._remat.panel_batches`."""
+    nr = np.diff(indptr)
+    m1 = len(nr)
+    if m1 == 0:
+        return np.zeros(1, dtype=np.int64)
+    if len(rows) == 0:
+        return np.array([0, m1], dtype=np.int64)
+    first = np.where(nr > 0, rows[np.minimum(indptr[:-1], len(rows) - 1)], 0)
+    contig = np.where(nr > 0, rows[np.maximum(indptr[1:] - 1, 0)] - first == nr - 1, True)
+    same = np.zeros(m1, dtype=bool)
+    same[1:] = (first[1:] == first[:-1]) & (nr[1:] == nr[:-1]) & contig[1:] & contig[:-1]
+    return np.append(np.flatnonzero(~same), m1).astype(np.int64)
 
 
 def _tril_map(k: int, toff: int) -> list:

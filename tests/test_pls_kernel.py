@@ -170,6 +170,28 @@ def test_blocked_factor_equals_dense_cholesky_many(mt):
 
 @HSETTINGS
 @given(structures())
+def test_small_and_term_by_term_cross_products_agree(mt):
+    """Small models form their cross-products in one compiled pass (``_small``); the
+    term-by-term path (bincounts and pair codes) that larger models take must give the
+    same arrays, so the dense-oracle tests above (all small) cover both."""
+    import lmmfast.blocks as blocks
+
+    model, _ = mt
+    args = (model.terms, model.X, model.y, model.theta_offsets)
+    small = BlockedCrossprod(*args)
+    old = blocks.SMALL_COUPLING
+    blocks.SMALL_COUPLING = -1
+    try:
+        general = BlockedCrossprod(*args)
+    finally:
+        blocks.SMALL_COUPLING = old
+    for name in ["A11", "A22", "indptr", "rows", "A21", "batch", "heavy"]:
+        np.testing.assert_allclose(getattr(small, name), getattr(general, name),
+                                   rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@HSETTINGS
+@given(structures())
 def test_logdets_equal_dense_diagonal(mt):
     model, theta = mt
     info, L11, L21, L22, xp = run_kernel(model, theta)

@@ -41,3 +41,71 @@ def test_drop_unused_categories_matches_pandas(ordered):
     pd.testing.assert_series_equal(drop_unused_categories(col), col.cat.remove_unused_categories())
     full = col.cat.remove_unused_categories()
     assert drop_unused_categories(full) is full
+
+
+def _sparse_rows(rng, n, D, w):
+    """Each row: w strictly ascending positions in [0, D) and their values."""
+    R = np.sort(np.stack([rng.choice(D, w, replace=False) for _ in range(n)]), axis=1)
+    return np.ascontiguousarray(R, dtype=np.int64), rng.normal(size=(n, w))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 120), st.integers(1, 12), st.integers(1, 3), st.integers(1, 15),
+       st.integers(0, 2**31 - 1))
+def test_dense_crossprod_matches_dense_products(n, m1, k1, D, seed):
+    rng = np.random.default_rng(seed)
+    w = int(rng.integers(0, D + 1))
+    codes = rng.integers(0, m1, n).astype(np.int64)
+    Z1 = rng.normal(size=(n, k1))
+    R, V = _sparse_rows(rng, n, D, w)
+    got = _remat.dense_crossprod(codes, m1, Z1, R, V, D)
+    ref = _remat.dense_crossprod_reference(codes, m1, Z1, R, V, D)
+    for name, g, r in zip(["A11", "A22", "indptr", "rows", "A21"], got, ref):
+        assert g.shape == r.shape, name
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_dense_crossprod_rejects_bad_input():
+    codes = np.array([0, 1, 1], dtype=np.int64)
+    Z1 = np.ones((3, 1))
+    R = np.array([[0, 2], [1, 2], [0, 1]], dtype=np.int64)
+    V = np.ones((3, 2))
+    _remat.dense_crossprod(codes, 2, Z1, R, V, 3)
+    with pytest.raises(ValueError, match="codes1"):
+        _remat.dense_crossprod(codes, 1, Z1, R, V, 3)
+    with pytest.raises(ValueError, match="ascending"):
+        _remat.dense_crossprod(codes, 2, Z1, R[:, ::-1].copy(), V, 3)
+    with pytest.raises(ValueError, match="ascending"):
+        _remat.dense_crossprod(codes, 2, Z1, R, V, 2)
+    with pytest.raises(ValueError, match="one row per"):
+        _remat.dense_crossprod(codes, 2, Z1, R[:2].copy(), V, 3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 30), st.integers(1, 10), st.integers(0, 2**31 - 1))
+def test_panel_batches_match_numpy(m, D, seed):
+    from lmmfast.blocks import panel_batches_reference
+
+    rng = np.random.default_rng(seed)
+    # runs of identical contiguous panels mixed with scattered ones
+    pats, prev = [], None
+    for _ in range(m):
+        kind = rng.integers(0, 3)
+        if kind == 0 and prev is not None:
+            pat = prev
+        elif kind == 1:
+            a = int(rng.integers(0, D))
+            pat = np.arange(a, int(rng.integers(a + 1, D + 1)))
+        else:
+            pat = np.sort(rng.choice(D, int(rng.integers(1, D + 1)), replace=False))
+        pats.append(pat)
+        prev = pat
+    indptr = np.concatenate([[0], np.cumsum([len(p) for p in pats])]).astype(np.int64)
+    rows = (np.concatenate(pats) if pats else np.zeros(0)).astype(np.int64)
+    np.testing.assert_array_equal(_remat.panel_batches(indptr, rows),
+                                  panel_batches_reference(indptr, rows))
+
+
+def test_panel_batches_rejects_bad_pointers():
+    with pytest.raises(ValueError, match="indptr"):
+        _remat.panel_batches(np.array([0, 3, 2], dtype=np.int64), np.arange(2, dtype=np.int64))
