@@ -48,9 +48,13 @@ class SimpleSpec:
 
     def get_model_matrix(self, frame, na_action=None) -> np.ndarray:
         n = len(frame)
-        cols = ([np.ones(n)] if self.intercept else []) + [
-            frame[c].to_numpy(dtype=np.float64) for c in self.names]
-        return np.column_stack(cols) if cols else np.zeros((n, 0))
+        X = np.empty((n, int(self.intercept) + len(self.names)))
+        if self.intercept:
+            X[:, 0] = 1.0
+        get = frame.array_of if isinstance(frame, ColumnFrame) else (lambda c: frame[c].to_numpy())
+        for j, c in enumerate(self.names, start=int(self.intercept)):
+            X[:, j] = get(c)
+        return X
 
 
 def _plain_numeric(dtype) -> bool:
@@ -68,7 +72,7 @@ def design(rhs: str, frame: pd.DataFrame, what: str):
     simple = _simple_terms(rhs)
     if simple is not None and all(_plain_numeric(frame[c].dtype) for c in simple[1]):
         spec = SimpleSpec(*simple)
-        return np.ascontiguousarray(spec.get_model_matrix(frame)), spec.column_names(), spec
+        return spec.get_model_matrix(frame), spec.column_names(), spec
     import formulaic
 
     try:
@@ -104,12 +108,29 @@ class ColumnFrame:
     ``drop.unused.levels``).  :meth:`to_pandas` materialises a DataFrame for formulaic.
     """
 
-    def __init__(self, data, used: list, complete, n_drop: int):
+    def __init__(self, data, used: list, complete, n_drop: int, arrays=None):
         self._data, self.columns = data, list(used)
         self._mask = complete if n_drop else None
         self._cache = {}
+        self._arrays = dict(arrays or {})      # full-length numpy values already fetched
+        self._values = {}
         self._df = None
         self._n = int(complete.sum())
+
+    def array_of(self, name) -> np.ndarray:
+        """The column's values as a numpy array over the complete rows (cached).
+
+        Non-categorical columns only need this, not a Series: the model frame already
+        converted them once to find missing values."""
+        v = self._values.get(name)
+        if v is None:
+            a = self._arrays.get(name)
+            if a is None:
+                v = self[name].to_numpy()
+            else:
+                v = a if self._mask is None else a[self._mask]
+            self._values[name] = v
+        return v
 
     def __len__(self):
         return self._n
@@ -203,20 +224,23 @@ def model_frame(mf, data) -> ModelFrame:
         need(set(bar.factors), f"the grouping factor of random-effects term {bar}")
     series = {c: data[c] for c in used}         # each column fetched once (~20 µs apiece)
     complete = np.ones(len(data), dtype=bool)
+    arrays = {}                                 # numpy values, converted once
     for c in used:
         col = series[c]
-        if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iub":   # never missing
-            continue
-        if isinstance(col.dtype, pd.CategoricalDtype):                     # missing: code -1
+        dt = col.dtype
+        if isinstance(dt, pd.CategoricalDtype):                     # missing: code -1
             complete &= col.array.codes >= 0
             continue
-        complete &= ~pd.isna(col.to_numpy())
+        arr = arrays[c] = col.to_numpy()
+        if arr.dtype.kind in "iub":                                 # never missing
+            continue
+        complete &= ~(np.isnan(arr) if arr.dtype.kind in "fc" else pd.isna(arr))
     n_drop = int(len(data) - complete.sum())
     if n_drop == len(data):
         raise DataError(f"no rows left after dropping the {n_drop} rows with a missing value in "
                         f"the model's columns ({', '.join(used)})")
     row_index = data.index[complete] if n_drop else data.index
-    frame = ColumnFrame(series, used, complete, n_drop)
+    frame = ColumnFrame(series, used, complete, n_drop, arrays)
     return ModelFrame(frame, n_drop, row_index)
 
 
@@ -225,10 +249,13 @@ def response(mf, frame: pd.DataFrame) -> np.ndarray:
     name = mf.response
     if name in frame:
         col = frame[name]
-        if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
+        dt = col.dtype
+        if not ((isinstance(dt, np.dtype) and dt.kind in "iufb")
+                or pd.api.types.is_numeric_dtype(dt) or pd.api.types.is_bool_dtype(dt)):
             raise DataError(f"response {name!r} must be numeric, but its dtype is {col.dtype}; "
                             "convert it (e.g. pd.to_numeric) before fitting")
-        y = col.to_numpy(dtype=np.float64)
+        y = (np.asarray(frame.array_of(name), dtype=np.float64) if isinstance(frame, ColumnFrame)
+             and isinstance(dt, np.dtype) else col.to_numpy(dtype=np.float64))
     else:
         import formulaic
 
@@ -240,9 +267,10 @@ def response(mf, frame: pd.DataFrame) -> np.ndarray:
             raise DataError(f"response {name!r} must be one numeric column, "
                             f"it gives {mm.lhs.shape[1]} columns {list(mm.lhs.columns)}")
         y = np.asarray(mm.lhs, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(y)):
+    lo, hi = (y.min(), y.max()) if len(y) else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):         # NaN or ±inf anywhere
         raise DataError(f"response {name!r} has infinite values")
-    if len(y) > 1 and np.ptp(y) == 0:
+    if len(y) > 1 and lo == hi:
         raise DataError(f"response {name!r} is constant ({float(y[0])!r} in all {len(y)} rows); "
                         "there is no variance to model")
     return y
@@ -268,14 +296,15 @@ def _clearly_full_rank(X: np.ndarray, margin: float = 1e-4) -> bool:
     n, p = X.shape
     if n < p:
         return False
-    from scipy.linalg.lapack import dpotrf
-
     G = X.T @ X
-    norms2 = np.diag(G).copy()
-    if not np.all(norms2 > 0):
+    norms2 = G.diagonal()
+    if not (norms2.min() > 0):
         return False
-    R, info = dpotrf(G, lower=0)
-    return info == 0 and bool(np.all(np.diag(R) ** 2 > margin ** 2 * norms2))
+    try:
+        L = np.linalg.cholesky(G)
+    except np.linalg.LinAlgError:
+        return False
+    return bool((L.diagonal() ** 2 > margin ** 2 * norms2).all())
 
 
 def drop_aliased(X: np.ndarray, names: list, tol: float = 1e-7):

@@ -29,12 +29,13 @@ def lme4_name(name: str) -> str:
     return ":".join(_LEVEL.sub(r"\1", part) for part in name.split(":"))
 
 
-def factor_codes(col: pd.Series):
+def factor_codes(col: pd.Series, values=None):
     """Codes 0..m-1, level labels and level values of a column used as a factor.
 
     Levels are sorted as R's ``factor()`` does under ``sort(method = "radix")``: strings
     in byte order, numbers numerically, a pandas Categorical in its category order
-    (unused categories dropped).
+    (unused categories dropped).  ``values``: the column's numpy values when already at
+    hand (ignored for a Categorical).
     """
     if isinstance(col.dtype, pd.CategoricalDtype):
         from .fixed import drop_unused_categories
@@ -42,7 +43,8 @@ def factor_codes(col: pd.Series):
         arr = drop_unused_categories(col).array
         cats = arr.categories
         return arr.codes.astype(np.int64), [str(c) for c in cats], cats
-    values = col.to_numpy()
+    if values is None:
+        values = col.to_numpy()
     # Hash, then sort the (few) distinct values: cheaper than pandas' sort=True path,
     # which has ~0.15 ms of overhead on small columns; values of mixed types that do not
     # compare go to pandas' safe sort.
@@ -58,7 +60,7 @@ def factor_codes(col: pd.Series):
     return codes.astype(np.int64, copy=False), [str(u) for u in uniques], uniques
 
 
-def grouping_factor(frame: pd.DataFrame, factors: tuple, term: str):
+def grouping_factor(frame, factors: tuple, term: str):
     """Codes and labels of the grouping factor ``a:b:...`` (lme4's lex-ordered interaction).
 
     Returns
@@ -74,8 +76,13 @@ def grouping_factor(frame: pd.DataFrame, factors: tuple, term: str):
         if f not in frame:
             raise MissingColumnError(f"grouping factor {f!r} of random-effects term {term} "
                                      f"is not a column of the data")
-        c, lab, idx = factor_codes(frame[f])
+        col = frame[f]
+        array_of = getattr(frame, "array_of", None)     # a model frame's cached values
+        c, lab, idx = factor_codes(col, array_of(f) if array_of is not None
+                                   and not isinstance(col.dtype, pd.CategoricalDtype) else None)
         values.append(idx)
+        if len(factors) == 1:
+            return c, lab, GroupEncoder(tuple(factors), values, steps)
         if codes is None:
             codes, labels = c, np.asarray(lab, dtype=object)
             continue
