@@ -13,9 +13,9 @@ Every tool fits every rung in a fresh child process of its own -- ``python bench
 interpreter of the separate peer environment, ``--peers-python``), ``Rscript`` for lme4 -- so
 that the peak memory reported is that process's own high-water mark (``VmHWM`` in
 ``/proc/self/status``).  Each child reads the rung's data from the column files this script
-wrote once per rung, prepares what its library needs, prints ``BENCH_START``, fits once to
-warm up, then repeats the fit until ``--repeat`` fits are timed or ``--budget`` seconds are
-spent, and prints one JSON line that this script parses.  A child still fitting ``--timeout``
+wrote once per rung, prepares what its library needs, prints ``BENCH_START``, fits to warm up
+(``--warmup`` fits, more until ``--warmup-time`` seconds are spent), then repeats the fit
+until ``--repeat`` fits are timed or ``--budget`` seconds are spent, and prints one JSON line that this script parses.  A child still fitting ``--timeout``
 seconds after ``BENCH_START`` is killed and shown as ``timeout (> N s)``.
 
 A rung is one entry of :data:`RUNGS` (``benchmarks/ladder/rungs.py``); add a :class:`Rung`
@@ -55,7 +55,8 @@ def write_inputs(rung: Rung, workdir: Path, args) -> Path:
     spec = {"rung": rung.name, "columns": columns, "nrow": nrow, "formula": rung.formula,
             "r_formula": rung.r_formula, "reml": rung.reml, "formulas": {t: f for t, (f, _) in rung.formulas.items()},
             "response": rung.formula.split("~")[0].strip(), "nrepeat": args.repeat,
-            "budget": args.budget, "warmup": args.warmup, "timeout": args.timeout,
+            "budget": args.budget, "warmup": args.warmup, "warmup_time": args.warmup_time,
+            "timeout": args.timeout,
             "timeouts": {"lmmfast": args.lmmfast_timeout},
             "min_repeat": {"lmmfast": args.min_repeat},
             "gpboost": None if rung.gpboost is None else
@@ -170,12 +171,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the heavy rungs (5 and 6, the million-row simulations)")
     p.add_argument("--tools", nargs="+", choices=TOOLS, metavar="TOOL",
                    help=f"tools to run (default: all available: {', '.join(TOOLS)})")
-    p.add_argument("--repeat", type=int, default=10, help="most timed fits per rung and tool")
+    p.add_argument("--repeat", type=int, default=30, help="most timed fits per rung and tool")
     p.add_argument("--budget", type=float, default=5.0,
                    help="stop timing a rung/tool after this many seconds (at least 1 fit)")
     p.add_argument("--min-repeat", type=int, default=3,
                    help="fewest timed fits for lmmfast, whatever the budget (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed fits before timing")
+    p.add_argument("--warmup-time", type=float, default=0.5, metavar="SEC",
+                   help="keep fitting untimed until the warm-up fits took this long in all "
+                        "(every tool alike; sub-millisecond fits run slower while cold)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="kill a tool still fitting a rung after this many seconds (default 900)")
     p.add_argument("--lmmfast-timeout", type=float, default=3600.0,
@@ -225,7 +229,8 @@ def run_all(args) -> tuple:
     meta = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": machine_info(), "python": python_versions(),
             "openblas_threads": env.get("OPENBLAS_NUM_THREADS"), "repeat": args.repeat,
-            "budget": args.budget, "warmup": args.warmup, "min_repeat": args.min_repeat,
+            "budget": args.budget, "warmup": args.warmup, "warmup_time": args.warmup_time,
+            "min_repeat": args.min_repeat,
             "timeout": args.timeout, "lmmfast_timeout": args.lmmfast_timeout,
             "obj_tol": args.obj_tol, "scale": args.scale,
             "rungs": [r.name for r in rungs], "tools": tools,

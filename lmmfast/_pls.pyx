@@ -166,8 +166,51 @@ cdef void lam_dense_groups(const double* A, double* L, Py_ssize_t D, const doubl
 DEF BLAS_MIN = 256
 # Largest panel (rows) gathered into a buffer; bigger panels use the plain loops.
 DEF GATHER_MAX = 2048
+# Dense blocks up to this size are factored by plain loops (chol_lower), and batched
+# rank-K updates of up to this many multiply-adds too: LAPACK/BLAS calls cost more.
+DEF SMALL_CHOL = 16
+DEF SMALL_SYRK = 4096
 # Row-wise downdates with fewer multiply-adds than this run on one thread.
 THREAD_MIN_WORK = 2e7
+
+
+cdef inline double dot4(const double* x, const double* y, Py_ssize_t n) noexcept nogil:
+    """x·y with four partial sums (a single running sum is bound by the add latency)."""
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        s0 += x[i] * y[i]
+        s1 += x[i + 1] * y[i + 1]
+        s2 += x[i + 2] * y[i + 2]
+        s3 += x[i + 3] * y[i + 3]
+        i += 4
+    while i < n:
+        s0 += x[i] * y[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef int chol_lower(double* a, Py_ssize_t n, Py_ssize_t ld) noexcept nogil:
+    """In-place lower Cholesky of the row-major n×n lower triangle of ``a`` (leading
+    dimension ld; the upper triangle is not touched): what dpotrf('U') computes on the
+    column-major view, without LAPACK's call overhead, for tiny dense blocks.  0 on
+    success, j+1 if pivot j fails."""
+    cdef Py_ssize_t i, j, c
+    cdef double s, t
+    for j in range(n):
+        s = a[j * ld + j]
+        for c in range(j):
+            s -= a[j * ld + c] * a[j * ld + c]
+        if not (s > 0.0):
+            return <int>(j + 1)
+        s = sqrt(s)
+        a[j * ld + j] = s
+        for i in range(j + 1, n):
+            t = a[i * ld + j]
+            for c in range(j):
+                t -= a[i * ld + c] * a[j * ld + c]
+            a[i * ld + j] = t / s
+    return 0
 
 
 cdef void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows, const double* v,
@@ -300,7 +343,7 @@ cdef int update_blocked_core(
     cdef int k_i, ld_i
     cdef char tr = b'T'
     cdef double one = 1.0, mone = -1.0
-    cdef double s
+    cdef double s, d
     cdef double* blk
     cdef double* v
     cdef int info = 0
@@ -349,13 +392,14 @@ cdef int update_blocked_core(
                 v[a] = A21[p0 * k1 + a]
             cols_mul(v, k1, nr, T1, k1)
             lam_rows(v, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
-            # forward solve X L11[j]' = V, row by row
-            for t in range(nr):
-                for c in range(k1):
-                    s = v[t * k1 + c]
+            # forward solve X L11[j]' = V, column by column (one division per column)
+            for c in range(k1):
+                s = 1.0 / blk[c * k1 + c]
+                for t in range(nr):
+                    d = v[t * k1 + c]
                     for b in range(c):
-                        s -= v[t * k1 + b] * blk[c * k1 + b]
-                    v[t * k1 + c] = s / blk[c * k1 + c]
+                        d -= v[t * k1 + b] * blk[c * k1 + b]
+                    v[t * k1 + c] = d * s
             if j1 - j0 == 1 and tptr != NULL and (hflag == NULL or not hflag[j]):
                 xy_accumulate(v, nr, k1, rows + p0, nxy, wxy, wxy + nz * nxy)
             elif j1 - j0 == 1 and tptr == NULL and (hflag == NULL or not hflag[j]):
@@ -371,6 +415,13 @@ cdef int update_blocked_core(
                 for t in range(nr):
                     for c in range(k1):
                         wbuf[(j - j0) * k1 + c + t * K] = v[t * k1 + c]
+            if nr * nr * K <= SMALL_SYRK:     # tiny: plain loops beat BLAS's call overhead
+                r = rows[p0]
+                for t in range(nr):
+                    blk = L22 + (r + t) * D + r
+                    for u in range(t + 1):
+                        blk[u] -= dot4(wbuf + t * K, wbuf + u * K, K)
+                continue
             n_i = <int>nr
             k_i = <int>K
             ld_i = <int>D
@@ -407,6 +458,8 @@ cdef int update_blocked_core(
                 L22[(nz + a) * D + nz + b] -= wxy[nz * nxy + a * nxy + b]
 
     # ---- dense Cholesky of L22 (row-major lower == column-major upper)
+    if D <= SMALL_CHOL:
+        return chol_lower(L22, D, D)
     n_i = <int>D
     lda_i = <int>D
     dpotrf(&uplo, &n_i, L22, &lda_i, &info)

@@ -29,20 +29,21 @@ def lme4_name(name: str) -> str:
     return ":".join(_LEVEL.sub(r"\1", part) for part in name.split(":"))
 
 
-def factor_codes(col: pd.Series, values=None):
+def factor_codes(col: pd.Series, values=None, used_only: bool = False):
     """Codes 0..m-1, level labels and level values of a column used as a factor.
 
     Levels are sorted as R's ``factor()`` does under ``sort(method = "radix")``: strings
     in byte order, numbers numerically, a pandas Categorical in its category order
     (unused categories dropped).  ``values``: the column's numpy values when already at
-    hand (ignored for a Categorical).
+    hand (ignored for a Categorical); ``used_only``: a Categorical known to use all its
+    categories (a model frame's columns).
     """
     if isinstance(col.dtype, pd.CategoricalDtype):
         from .fixed import drop_unused_categories
 
-        arr = drop_unused_categories(col).array
+        arr = (col if used_only else drop_unused_categories(col)).array
         cats = arr.categories
-        return arr.codes.astype(np.int64), [str(c) for c in cats], cats
+        return arr.codes.astype(np.int64), [str(c) for c in cats.tolist()], cats
     if values is None:
         values = col.to_numpy()
     # Hash, then sort the (few) distinct values: cheaper than pandas' sort=True path,
@@ -77,9 +78,13 @@ def grouping_factor(frame, factors: tuple, term: str):
             raise MissingColumnError(f"grouping factor {f!r} of random-effects term {term} "
                                      f"is not a column of the data")
         col = frame[f]
-        array_of = getattr(frame, "array_of", None)     # a model frame's cached values
-        c, lab, idx = factor_codes(col, array_of(f) if array_of is not None
-                                   and not isinstance(col.dtype, pd.CategoricalDtype) else None)
+        array_of = getattr(frame, "array_of", None)     # a model frame (unused levels dropped)
+        if array_of is None:
+            c, lab, idx = factor_codes(col)
+        elif isinstance(col.dtype, pd.CategoricalDtype):
+            c, lab, idx = factor_codes(col, used_only=True)
+        else:
+            c, lab, idx = factor_codes(col, array_of(f))
         values.append(idx)
         if len(factors) == 1:
             return c, lab, GroupEncoder(tuple(factors), values, steps)

@@ -59,9 +59,14 @@ cat("BENCH_START\n"); flush(stdout())
 t_start <- Sys.time()
 wall <- numeric(0); cpu <- numeric(0); warm_kept <- FALSE
 min_repeat <- if (is.null(spec$min_repeat$lme4)) 1 else spec$min_repeat$lme4
-for (i in seq_len(spec$warmup)) {
-  r <- one(); m <- r$m
+warm <- 0
+warmup_time <- if (is.null(spec$warmup_time)) 0 else spec$warmup_time
+for (i in seq_len(if (warmup_time > 0) max(spec$warmup, 1) else spec$warmup)) {
+  r <- one(); m <- r$m; warm <- warm + r$wall
   if (r$wall >= spec$budget) { wall <- r$wall; cpu <- r$cpu; warm_kept <- TRUE; break }
+}
+while (!warm_kept && warm < warmup_time) {   # short fits: warm up for warmup_time seconds
+  r <- one(); m <- r$m; warm <- warm + r$wall
 }
 repeat {
   enough <- length(wall) >= spec$nrepeat || sum(wall) >= spec$budget

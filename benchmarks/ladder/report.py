@@ -221,7 +221,8 @@ def format_footer(meta: dict, records: list) -> str:
     m, v, r = meta["machine"], meta["python"], meta.get("r")
     lines = [
         "time: median wall seconds per fit (model construction + optimisation, data load "
-        f"excluded) over n timed fits after {meta['warmup']} warm-up fit(s) (a warm-up fit "
+        f"excluded) over n timed fits after {meta['warmup']} warm-up fit(s), more until "
+        f"{meta.get('warmup_time', 0):g} s of warm-up fits were spent (a warm-up fit "
         f"of >= {meta['budget']} s counts as the first timed fit); cpu: median process CPU "
         "seconds per fit (all threads)",
         "evals: objective evaluations (lmmfast optsummary.feval, lme4 @optinfo$feval, "
@@ -269,7 +270,7 @@ def format_footer(meta: dict, records: list) -> str:
     threads = meta["openblas_threads"]
     lines.append(f"OPENBLAS_NUM_THREADS={threads if threads is not None else 'unset'} (all "
                  f"workers); --repeat {meta['repeat']}, --budget {meta['budget']} s, --warmup "
-                 f"{meta['warmup']}, --min-repeat {meta['min_repeat']} (lmmfast), --timeout "
+                 f"{meta['warmup']}, --warmup-time {meta.get('warmup_time', 0):g} s, --min-repeat {meta['min_repeat']} (lmmfast), --timeout "
                  f"{meta['timeout']:g} s per tool and rung (lmmfast: --lmmfast-timeout "
                  f"{meta['lmmfast_timeout']:g} s)")
     if meta.get("scale", 1.0) != 1.0:

@@ -231,7 +231,7 @@ PY_TOOLS = {
 
 
 def timed_fits(fit: Callable[[], object], nrepeat: int, budget: float, warmup: int,
-               min_repeat: int = 1, timeout: Optional[float] = None):
+               min_repeat: int = 1, timeout: Optional[float] = None, warmup_time: float = 0.0):
     """Fit ``warmup`` times untimed, then time fits until ``nrepeat`` or ``budget`` s spent.
 
     A warm-up fit that takes ``budget`` seconds or more is kept as the first timed fit:
@@ -246,7 +246,9 @@ def timed_fits(fit: Callable[[], object], nrepeat: int, budget: float, warmup: i
     budget : float
         Stop timing once this many seconds of fitting have been spent ...
     warmup : int
-        Untimed fits before timing.
+        Untimed fits before timing ...
+    warmup_time : float
+        ... and more of them while the untimed fits have taken less than this in all.
     min_repeat : int
         ... but only after at least this many timed fits, unless those already took more
         than ``20 * budget`` seconds in all.
@@ -279,11 +281,19 @@ def timed_fits(fit: Callable[[], object], nrepeat: int, budget: float, warmup: i
         return res, w1 - w0, c1 - c0
 
     result = None
-    for _ in range(warmup):
+    warm = 0.0
+    for i in range(max(warmup, 1) if warmup_time > 0 else warmup):
         result, w, c = one()
+        warm += w
         if w >= budget:
             wall, cpu, warm_kept = [w], [c], True
             break
+    # short fits: keep warming up until warmup_time seconds are spent (the first dozens of
+    # sub-millisecond fits run measurably slower: cold caches, Python's adaptive
+    # interpreter specialising the code); one long fit is warm-up enough
+    while not warm_kept and warm < warmup_time:
+        result, w, c = one()
+        warm += w
     while True:
         enough = len(wall) >= nrepeat or sum(wall) >= budget
         if wall and (len(wall) >= min_repeat or sum(wall) > 20 * budget) and enough:
@@ -310,7 +320,8 @@ def worker(tool: str, spec_path: str) -> None:
         warnings.simplefilter("always")
         wall, cpu, result, warm_kept = timed_fits(
             lambda: fit(spec, state), spec["nrepeat"], spec["budget"], spec["warmup"],
-            spec["min_repeat"].get(tool, 1), spec["timeouts"].get(tool, spec["timeout"]))
+            spec["min_repeat"].get(tool, 1), spec["timeouts"].get(tool, spec["timeout"]),
+            spec.get("warmup_time", 0.0))
     print(FITTED + " done", flush=True)
     peak = memory_mb()   # before describe(): lmmfast's floor measurement allocates a D x D matrix
     out = describe(result)
