@@ -57,8 +57,10 @@ def run_child(cmd: list, env: dict, timeout: Optional[float] = None, progress: b
                         clock["end"] = time.monotonic()
                     else:
                         fits.append(float(arg))
-                        if progress:
+                        if progress and len(fits) <= 12:      # the first dozen fits, then dots
                             print(f"{float(arg):.3g}s", end=" ", file=sys.stderr, flush=True)
+                        elif progress and len(fits) % 100 == 0:
+                            print(".", end="", file=sys.stderr, flush=True)
 
         thread = threading.Thread(target=reader, daemon=True)
         thread.start()
