@@ -926,7 +926,7 @@ cdef class BlockedFactor:
     cdef double[:, :, ::1] L11v
     cdef double[:, ::1] L21v, L22v, T1v
     cdef double[::1] rsv, tfv, bufv, wbufv, thv
-    cdef Py_ssize_t m1, k1, D, nz, nbatch, n, p, nheavy, hchunk
+    cdef Py_ssize_t m1, k1, D, nz, nbatch, n, p, nheavy, hchunk, max_theta_index
     cdef bint use_buf
     cdef object heavy_arr, hflag_arr, hbuf
     cdef const cnp.int64_t[::1] heavyv
@@ -957,6 +957,8 @@ cdef class BlockedFactor:
         self.A11, self.A21, self.A22 = xp.A11, xp.A21, xp.A22
         self.indptr, self.rows, self.rk, self.rtoff, self.batch = xp.indptr, xp.rows, xp.rk, xp.rtoff, xp.batch
         self.rs_index, self.t1_index, self.tflat_index = xp.rs_index, xp.t1_index, xp.tflat_index
+        self.max_theta_index = max(int(np.max(idx)) if len(idx) else -1
+                                   for idx in (xp.t1_index, xp.rs_index, xp.tflat_index))
         self.L11v, self.L21v, self.L22v, self.T1v = self.L11, self.L21, self.L22, self.T1
         self.rsv, self.tfv = self.rscale, self.Tflat
         self.m1, self.k1, self.D, self.nz = xp.m1, xp.k1, xp.D, xp.nz
@@ -1089,9 +1091,8 @@ cdef class BlockedFactor:
 
     cdef int _check_theta(self, Py_ssize_t nt) except -1:
         """θ of length ``nt`` must cover every index the maps use; sizes ``self.theta``."""
-        for idx in (self.xp.t1_index, self.xp.rs_index, self.xp.tflat_index):
-            if len(idx) and int(np.max(idx)) >= nt:
-                raise ValueError("theta is too short for this model")
+        if nt <= self.max_theta_index:
+            raise ValueError("theta is too short for this model")
         if self.theta is None or self.theta.shape[0] != nt:
             self.theta = np.empty(nt)
             self.thv = self.theta
