@@ -76,11 +76,14 @@ def design(rhs: str, frame: pd.DataFrame, what: str):
     import formulaic
 
     try:
-        mm = formulaic.model_matrix("~ " + rhs, as_pandas(frame), na_action="ignore")
+        # numpy output: no pandas frame of the model matrix to convert (on 73k × 28 that
+        # costs as much as building the matrix)
+        mm = formulaic.model_matrix("~ " + rhs, as_pandas(frame), na_action="ignore",
+                                    output="numpy")
     except Exception as e:  # formulaic raises several exception types
         raise FormulaError(f"cannot build the model matrix of {what}: {e}") from e
-    return (np.ascontiguousarray(np.asarray(mm, dtype=np.float64)),
-            [lme4_name(c) for c in mm.columns], mm.model_spec)
+    return (np.ascontiguousarray(mm, dtype=np.float64),
+            [lme4_name(c) for c in mm.model_spec.column_names], mm.model_spec)
 
 
 def _required(formula: str, what: str) -> set:
