@@ -81,10 +81,9 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
     zes = [ze1]
     if nz:
         zr = xp.A22[:nz, :] @ w
-        sel = xp.rows < nz
-        level = np.repeat(np.arange(m1), np.diff(xp.indptr))
-        contrib = np.einsum("tc,tc->t", xp.A21[sel], b[0][level[sel]])
-        zr -= np.bincount(xp.rows[sel], weights=contrib, minlength=nz)
+        rows_z, level_z, A21_z = _coupling_rows(xp)
+        contrib = (A21_z * b[0][level_z]).sum(axis=1)
+        zr -= np.bincount(rows_z, weights=contrib, minlength=nz)
         for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
             zes.append(zr[o: o + m * k].reshape(m, k))
     ldz, ldx, r2 = pls.pieces()
@@ -96,6 +95,18 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
                 dr2 = -2.0 * float(ze[:, a] @ ui[:, bcol])
                 grad.append(2.0 * G[bcol, a] + scale * dr2)
     return np.array(grad)
+
+
+def _coupling_rows(xp):
+    """The panel entries on random-effects rows of the dense block: (rows, levels, A21
+    rows), formed once per model (they do not depend on θ)."""
+    cached = getattr(xp, "_coupling_rows", None)
+    if cached is None:
+        sel = np.flatnonzero(xp.rows < xp.nz)
+        level = np.repeat(np.arange(xp.m1), np.diff(xp.indptr))
+        cached = (xp.rows[sel], level[sel], xp.A21[sel])
+        xp._coupling_rows = cached
+    return cached
 
 
 def _rest_T(xp, Tflat, rscale, i):
