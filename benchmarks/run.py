@@ -88,44 +88,83 @@ def tool_commands(rung: Rung, spec: Path, ctx: dict) -> dict:
     return cmds
 
 
+def run_tool(rung: Rung, tool: str, cmd, env: dict, args) -> dict:
+    """One worker process for ``tool`` on ``rung``: its record (status, timings, objective)."""
+    record = {"rung": rung.name, "number": rung.number, "tool": tool}
+    if isinstance(cmd, str):
+        record["status"] = cmd.split(":")[0]
+        record["reason"] = cmd
+        return record
+    if tool in rung.formulas:
+        formula, why = rung.formulas[tool]
+        record["messages_pre"] = [f"fitted as {formula!r} ({why})"]
+    print(f"[{rung.label}] {tool} ...", end=" ", file=sys.stderr, flush=True)
+    record["load_before"] = load_average()
+    t0 = time.monotonic()
+    try:
+        limit = args.lmmfast_timeout if tool == "lmmfast" else args.timeout
+        record.update(run_child(cmd, env, timeout=limit, progress=True))
+        record["time"] = statistics.median(record["wall"])
+        record["status"] = "ok"
+        print(f"-> {record['time']:.4g} s x {len(record['wall'])}", file=sys.stderr)
+    except ChildTimeout as exc:
+        record["status"] = f"timeout (> {exc.limit:.0f} s)"
+        record["reason"] = str(exc)
+        record["timeout_s"] = exc.limit
+        record["timeout_phase"] = exc.phase
+        print(f"-> timeout ({exc})", file=sys.stderr)
+    except RuntimeError as exc:
+        record["status"] = "failed"
+        record["reason"] = str(exc)
+        print(f"-> failed: {exc}", file=sys.stderr)
+    record["elapsed"] = time.monotonic() - t0
+    return record
+
+
+def merge_passes(first: dict, later: list) -> dict:
+    """One record from several passes of a tool: every timed fit pooled (the median of
+    all of them is the time), the highest peak memory, the last pass's result."""
+    ok = [first] + [r for r in later if r.get("status") == "ok"]
+    if len(ok) == 1:
+        return first
+    out = dict(ok[-1])
+    out["wall"] = [w for r in ok for w in r["wall"]]
+    out["cpu"] = [c for r in ok for c in r["cpu"]]
+    out["time"] = statistics.median(out["wall"])
+    out["pass_times"] = [r["time"] for r in ok]
+    out["messages"] = list(out.get("messages", [])) + [
+        f"{len(ok)} passes (fresh processes, alternating with the other tools), median per "
+        "pass: " + ", ".join(f"{t:.3g}" for t in out["pass_times"]) + " s"]
+    out["peak_mb"] = max(r["peak_mb"] for r in ok)
+    out["elapsed"] = sum(r["elapsed"] for r in ok)
+    return out
+
+
 def run_rung(rung: Rung, workdir: Path, ctx: dict, env: dict, args) -> list:
-    """Run every tool on ``rung`` one after another; return one record per tool."""
+    """Run every tool on ``rung`` one after another; return one record per tool.
+
+    Tools whose fits take under ``--pass-limit`` seconds run ``--passes`` times, in turn
+    (tool A, tool B, ..., then A, B, ... again), each pass a fresh process; their timed
+    fits are pooled.  On a shared VM the speed drifts by tens of percent over minutes, so
+    back-to-back single runs of two tools compare two different machines; alternating
+    passes spread the drift over all of them."""
     print(f"[{rung.label}] writing data ...", file=sys.stderr, flush=True)
     spec = write_inputs(rung, workdir, args)
     gc.collect()
     records = []
     try:
-        for tool, cmd in tool_commands(rung, spec, ctx).items():
-            record = {"rung": rung.name, "number": rung.number, "tool": tool}
-            if isinstance(cmd, str):
-                record["status"] = cmd.split(":")[0]
-                record["reason"] = cmd
-                records.append(record)
-                continue
-            if tool in rung.formulas:
-                formula, why = rung.formulas[tool]
-                record["messages_pre"] = [f"fitted as {formula!r} ({why})"]
-            print(f"[{rung.label}] {tool} ...", end=" ", file=sys.stderr, flush=True)
-            record["load_before"] = load_average()
-            t0 = time.monotonic()
-            try:
-                limit = args.lmmfast_timeout if tool == "lmmfast" else args.timeout
-                record.update(run_child(cmd, env, timeout=limit, progress=True))
-                record["time"] = statistics.median(record["wall"])
-                record["status"] = "ok"
-                print(f"-> {record['time']:.4g} s x {len(record['wall'])}", file=sys.stderr)
-            except ChildTimeout as exc:
-                record["status"] = f"timeout (> {exc.limit:.0f} s)"
-                record["reason"] = str(exc)
-                record["timeout_s"] = exc.limit
-                record["timeout_phase"] = exc.phase
-                print(f"-> timeout ({exc})", file=sys.stderr)
-            except RuntimeError as exc:
-                record["status"] = "failed"
-                record["reason"] = str(exc)
-                print(f"-> failed: {exc}", file=sys.stderr)
-            record["elapsed"] = time.monotonic() - t0
-            records.append(record)
+        cmds = tool_commands(rung, spec, ctx)
+        for tool, cmd in cmds.items():
+            records.append(run_tool(rung, tool, cmd, env, args))
+        again = [i for i, r in enumerate(records)
+                 if r.get("status") == "ok" and r["time"] < args.pass_limit]
+        later = {i: [] for i in again}
+        for _ in range(args.passes - 1):
+            for i in again:
+                later[i].append(run_tool(rung, records[i]["tool"], cmds[records[i]["tool"]],
+                                         env, args))
+        for i in again:
+            records[i] = merge_passes(records[i], later[i])
     finally:
         for path in workdir.glob(f"{rung.name}.*"):
             path.unlink()
@@ -176,6 +215,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop timing a rung/tool after this many seconds (at least 1 fit)")
     p.add_argument("--min-repeat", type=int, default=3,
                    help="fewest timed fits for lmmfast, whatever the budget (default 3)")
+    p.add_argument("--passes", type=int, default=5,
+                   help="passes over the tools for fits shorter than --pass-limit (each a "
+                        "fresh process, tools alternating; timed fits pooled)")
+    p.add_argument("--pass-limit", type=float, default=0.1, metavar="SEC",
+                   help="fits shorter than this get --passes passes")
     p.add_argument("--warmup", type=int, default=1, help="untimed fits before timing")
     p.add_argument("--warmup-time", type=float, default=0.5, metavar="SEC",
                    help="keep fitting untimed until the warm-up fits took this long in all "
@@ -230,7 +274,7 @@ def run_all(args) -> tuple:
             "machine": machine_info(), "python": python_versions(),
             "openblas_threads": env.get("OPENBLAS_NUM_THREADS"), "repeat": args.repeat,
             "budget": args.budget, "warmup": args.warmup, "warmup_time": args.warmup_time,
-            "min_repeat": args.min_repeat,
+            "passes": args.passes, "pass_limit": args.pass_limit, "min_repeat": args.min_repeat,
             "timeout": args.timeout, "lmmfast_timeout": args.lmmfast_timeout,
             "obj_tol": args.obj_tol, "scale": args.scale,
             "rungs": [r.name for r in rungs], "tools": tools,

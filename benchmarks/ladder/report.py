@@ -270,7 +270,8 @@ def format_footer(meta: dict, records: list) -> str:
     threads = meta["openblas_threads"]
     lines.append(f"OPENBLAS_NUM_THREADS={threads if threads is not None else 'unset'} (all "
                  f"workers); --repeat {meta['repeat']}, --budget {meta['budget']} s, --warmup "
-                 f"{meta['warmup']}, --warmup-time {meta.get('warmup_time', 0):g} s, --min-repeat {meta['min_repeat']} (lmmfast), --timeout "
+                 f"{meta['warmup']}, --warmup-time {meta.get('warmup_time', 0):g} s, --passes "
+                 f"{meta.get('passes', 1)} (fits under {meta.get('pass_limit', 0):g} s), --min-repeat {meta['min_repeat']} (lmmfast), --timeout "
                  f"{meta['timeout']:g} s per tool and rung (lmmfast: --lmmfast-timeout "
                  f"{meta['lmmfast_timeout']:g} s)")
     if meta.get("scale", 1.0) != 1.0:
