@@ -60,25 +60,55 @@ cdef extern from *:
 OPENMP = bool(LMMFAST_HAVE_OPENMP)   # built with OpenMP: the row-wise downdate runs threaded
 
 
-cdef int chol_small(double* a, Py_ssize_t k) noexcept nogil:
-    """In-place lower Cholesky of a row-major k×k matrix; 0 on success, j+1 if pivot j fails."""
+cdef inline double dot4(const double* x, const double* y, Py_ssize_t n) noexcept nogil:
+    """x·y with four partial sums (a single running sum is bound by the add latency)."""
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        s0 += x[i] * y[i]
+        s1 += x[i + 1] * y[i + 1]
+        s2 += x[i + 2] * y[i + 2]
+        s3 += x[i + 3] * y[i + 3]
+        i += 4
+    while i < n:
+        s0 += x[i] * y[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef int chol_lower(double* a, Py_ssize_t n, Py_ssize_t ld) noexcept nogil:
+    """In-place lower Cholesky of the row-major n×n lower triangle of ``a`` (leading
+    dimension ld; the upper triangle is not touched): what dpotrf('U') computes on the
+    column-major view, without LAPACK's call overhead, for tiny dense blocks.  0 on
+    success, j+1 if pivot j fails."""
     cdef Py_ssize_t i, j, c
     cdef double s, t
-    for j in range(k):
-        s = a[j * k + j]
+    for j in range(n):
+        s = a[j * ld + j]
         for c in range(j):
-            s -= a[j * k + c] * a[j * k + c]
+            s -= a[j * ld + c] * a[j * ld + c]
         if not (s > 0.0):
             return <int>(j + 1)
         s = sqrt(s)
-        a[j * k + j] = s
-        for i in range(j + 1, k):
-            t = a[i * k + j]
+        a[j * ld + j] = s
+        for i in range(j + 1, n):
+            t = a[i * ld + j]
             for c in range(j):
-                t -= a[i * k + c] * a[j * k + c]
-            a[i * k + j] = t / s
-            a[j * k + i] = 0.0
+                t -= a[i * ld + c] * a[j * ld + c]
+            a[i * ld + j] = t / s
     return 0
+
+
+cdef int chol_small(double* a, Py_ssize_t k) noexcept nogil:
+    """In-place lower Cholesky of a row-major k×k matrix, upper triangle zeroed (the L11
+    blocks are read whole); 0 on success, j+1 if pivot j fails."""
+    cdef Py_ssize_t i, j
+    cdef int info = chol_lower(a, k, k)
+    if info == 0:
+        for j in range(k):
+            for i in range(j + 1, k):
+                a[j * k + i] = 0.0
+    return info
 
 
 cdef void rows_tmul(double* m, Py_ssize_t ld, Py_ssize_t ncol, const double* T,
@@ -172,45 +202,6 @@ DEF SMALL_CHOL = 16
 DEF SMALL_SYRK = 4096
 # Row-wise downdates with fewer multiply-adds than this run on one thread.
 THREAD_MIN_WORK = 2e7
-
-
-cdef inline double dot4(const double* x, const double* y, Py_ssize_t n) noexcept nogil:
-    """x·y with four partial sums (a single running sum is bound by the add latency)."""
-    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
-    cdef Py_ssize_t i = 0
-    while i + 4 <= n:
-        s0 += x[i] * y[i]
-        s1 += x[i + 1] * y[i + 1]
-        s2 += x[i + 2] * y[i + 2]
-        s3 += x[i + 3] * y[i + 3]
-        i += 4
-    while i < n:
-        s0 += x[i] * y[i]
-        i += 1
-    return (s0 + s1) + (s2 + s3)
-
-
-cdef int chol_lower(double* a, Py_ssize_t n, Py_ssize_t ld) noexcept nogil:
-    """In-place lower Cholesky of the row-major n×n lower triangle of ``a`` (leading
-    dimension ld; the upper triangle is not touched): what dpotrf('U') computes on the
-    column-major view, without LAPACK's call overhead, for tiny dense blocks.  0 on
-    success, j+1 if pivot j fails."""
-    cdef Py_ssize_t i, j, c
-    cdef double s, t
-    for j in range(n):
-        s = a[j * ld + j]
-        for c in range(j):
-            s -= a[j * ld + c] * a[j * ld + c]
-        if not (s > 0.0):
-            return <int>(j + 1)
-        s = sqrt(s)
-        a[j * ld + j] = s
-        for i in range(j + 1, n):
-            t = a[i * ld + j]
-            for c in range(j):
-                t -= a[i * ld + c] * a[j * ld + c]
-            a[i * ld + j] = t / s
-    return 0
 
 
 cdef void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows, const double* v,
