@@ -5,9 +5,9 @@
 #   bash tools/setup.sh test      # install with test extras, then run the test suite
 #
 # Installs the system packages lmmfast builds against when they are missing
-# (SuiteSparse/CHOLMOD headers, OpenBLAS, nlopt's C headers, a C compiler, Python headers
-# and venv), creates a virtual environment in .venv and installs lmmfast into it with pip
-# (meson-python build).
+# (SuiteSparse/CHOLMOD headers, OpenBLAS, a C compiler, Python headers and venv; nlopt's C
+# headers when they can be had: optional), creates a virtual environment in .venv and
+# installs lmmfast into it with pip (meson-python build).
 # Extra arguments after `test` go to pytest (e.g. `bash tools/setup.sh test -m slow`).
 set -euo pipefail
 
@@ -26,7 +26,7 @@ as_root() {
 missing=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 if command -v dpkg-query >/dev/null; then
-    for p in libsuitesparse-dev libopenblas-dev libnlopt-dev pkg-config; do have_pkg "$p" || missing+=("$p"); done
+    for p in libsuitesparse-dev libopenblas-dev pkg-config; do have_pkg "$p" || missing+=("$p"); done
     command -v cc >/dev/null || missing+=(build-essential)
     command -v "$PY" >/dev/null || missing+=(python3)
     if command -v "$PY" >/dev/null; then
@@ -38,6 +38,13 @@ if command -v dpkg-query >/dev/null; then
         echo "setup: installing system packages: ${missing[*]}"
         as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+    fi
+    # optional: nlopt's C headers let BOBYQA's loop run in C (lmmfast builds without them)
+    if ! have_pkg libnlopt-dev && { [ "$(id -u)" = 0 ] || command -v sudo >/dev/null; }; then
+        echo "setup: installing libnlopt-dev (optional)"
+        { [ ${#missing[@]} -gt 0 ] || as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q; } \
+            && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libnlopt-dev \
+            || echo "setup: libnlopt-dev not installed; building without the compiled BOBYQA loop" >&2
     fi
 else
     echo "setup: not a Debian-like system; make sure SuiteSparse (CHOLMOD) headers and a C compiler are installed" >&2
