@@ -649,20 +649,27 @@ def symmetrize_lower(double[:, ::1] A):
                 A[c, r] = A[r, c]
 
 
+cdef void logdets_core(const double[:, :, ::1] L11, const double[:, ::1] L22, Py_ssize_t nz,
+                       double* ldz, double* ldx, double* r2) noexcept nogil:
+    cdef Py_ssize_t m1 = L11.shape[0], k1 = L11.shape[1], D = L22.shape[0], j, a
+    cdef double lz = 0.0, lx = 0.0, r
+    for j in range(m1):
+        for a in range(k1):
+            lz += log(L11[j, a, a])
+    for a in range(nz):
+        lz += log(L22[a, a])
+    for a in range(nz, D - 1):
+        lx += log(L22[a, a])
+    r = L22[D - 1, D - 1]
+    ldz[0], ldx[0], r2[0] = 2.0 * lz, 2.0 * lx, r * r
+
+
 def logdets(const double[:, :, ::1] L11, const double[:, ::1] L22, Py_ssize_t nz):
     """Return (log|L_Z|², log|R_X|², r²) from the blocked factor's diagonals (JSS eq. 34, 41)."""
-    cdef Py_ssize_t m1 = L11.shape[0], k1 = L11.shape[1], D = L22.shape[0], j, a
-    cdef double ldz = 0.0, ldx = 0.0, r
+    cdef double ldz, ldx, r2
     with nogil:
-        for j in range(m1):
-            for a in range(k1):
-                ldz += log(L11[j, a, a])
-        for a in range(nz):
-            ldz += log(L22[a, a])
-        for a in range(nz, D - 1):
-            ldx += log(L22[a, a])
-        r = L22[D - 1, D - 1]
-    return 2.0 * ldz, 2.0 * ldx, r * r
+        logdets_core(L11, L22, nz, &ldz, &ldx, &r2)
+    return ldz, ldx, r2
 
 
 cdef int grad_block1_core(
@@ -907,7 +914,7 @@ cdef class BlockedFactor:
     cdef const double[:, :, ::1] A11
     cdef const double[:, ::1] A21, A22
     cdef const cnp.int64_t[::1] indptr, rows, rk, rtoff, batch, rs_index, t1_index, tflat_index
-    cdef const cnp.int64_t[::1] tptr, tidx, tlev
+    cdef const cnp.int64_t[::1] tptr, tidx
     cdef const cnp.int32_t[::1] rows32
     cdef const cnp.int64_t[::1] tstart
     cdef object rows32_arr, tstart_arr
@@ -967,7 +974,7 @@ cdef class BlockedFactor:
         self.transposed = xp.tptr is not None
         self.nthreads = 1
         if self.transposed:
-            self.tptr, self.tidx, self.tlev = xp.tptr, xp.tidx, xp.tlev
+            self.tptr, self.tidx = xp.tptr, xp.tidx
             self.rows32_arr = np.asarray(xp.rows, dtype=np.int32)   # rows < D: fits
             self.rows32 = self.rows32_arr
             # where each entry's panel starts (the kernel needs no level numbers)
@@ -1055,17 +1062,7 @@ cdef class BlockedFactor:
             nthreads)
 
     cdef void _pieces(self, double* ldz, double* ldx, double* r2) noexcept nogil:
-        cdef Py_ssize_t j, a
-        cdef double lz = 0.0, lx = 0.0, r
-        for j in range(self.m1):
-            for a in range(self.k1):
-                lz += log(self.L11v[j, a, a])
-        for a in range(self.nz):
-            lz += log(self.L22v[a, a])
-        for a in range(self.nz, self.D - 1):
-            lx += log(self.L22v[a, a])
-        r = self.L22v[self.D - 1, self.D - 1]
-        ldz[0], ldx[0], r2[0] = 2.0 * lz, 2.0 * lx, r * r
+        logdets_core(self.L11v, self.L22v, self.nz, ldz, ldx, r2)
 
     cdef double _deviance(self, bint reml) noexcept nogil:
         """Profiled deviance (JSS eq. 34) or REML criterion (eq. 41) of the current factor;

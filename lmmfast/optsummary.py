@@ -285,9 +285,9 @@ def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-
     if initial_step is not None:
         step = np.array(np.broadcast_to(np.asarray(initial_step, dtype=float), x0.shape))
     lb = np.where(np.isfinite(lower), lower, -np.inf)
+    if step is not None and np.isnan(step).any():
+        step = np.where(np.isnan(step), _default_step(nlopt, x0, lb), step)  # NaN: default
     if compiled is not None and _optim is not None and not verbose and callback is None:
-        if step is not None and np.isnan(step).any():
-            step = np.where(np.isnan(step), _default_step(nlopt, x0, lb), step)
         x, code, f.n, f.best_x, f.best_f = _optim.bobyqa(
             compiled[0], compiled[1], x0, lb, xtol_abs, ftol_abs, ftol_rel, maxeval, step)
         if code < 0:
@@ -327,7 +327,6 @@ def _bobyqa_python(nlopt, f, x0, lb, xtol_abs, ftol_abs, ftol_rel, maxeval, step
         opt.set_ftol_rel(ftol_rel)
     opt.set_maxeval(int(maxeval))
     if step is not None:
-        step = np.where(np.isnan(step), opt.get_initial_step(x0), step)   # NaN: nlopt's default
         opt.set_initial_step(step)
     try:
         x = opt.optimize(x0)
