@@ -392,32 +392,51 @@ cdef int update_blocked_core(
         j0 = batch[bi]
         j1 = batch[bi + 1]
         for j in range(j0, j1):
-            # ---- L11[j] = chol(T1' A11[j] T1 + I)
-            blk = L11 + j * k1 * k1
-            for a in range(k1 * k1):
-                blk[a] = A11[j * k1 * k1 + a]
-            rows_tmul(blk, k1, k1, T1, k1)
-            cols_mul(blk, k1, k1, T1, k1)
-            for a in range(k1):
-                blk[a * k1 + a] += 1.0
-            if chol_small(blk, k1) != 0:
-                return -1
-            # ---- L21 panel: (Λr' A21_j Λ1) L11[j]^{-T}
             p0 = indptr[j]
             nr = indptr[j + 1] - p0
             v = L21 + p0 * k1
-            for a in range(nr * k1):
-                v[a] = A21[p0 * k1 + a]
-            cols_mul(v, k1, nr, T1, k1)
-            lam_rows(v, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
-            # forward solve X L11[j]' = V, column by column (one division per column)
-            for c in range(k1):
-                s = 1.0 / blk[c * k1 + c]
-                for t in range(nr):
-                    d = v[t * k1 + c]
-                    for b in range(c):
-                        d -= v[t * k1 + b] * blk[c * k1 + b]
-                    v[t * k1 + c] = d * s
+            if k1 == 1:
+                # ---- a scalar first term, the same arithmetic fused: L11[j] =
+                # sqrt(t a_j t + 1), panel ((A21_j t) Λr) / L11[j]
+                d = (T1[0] * A11[j]) * T1[0] + 1.0
+                if not (d > 0.0):
+                    return -1
+                d = sqrt(d)
+                L11[j] = d
+                s = 1.0 / d
+                if groups:
+                    for t in range(nr):
+                        v[t] = A21[p0 + t] * T1[0]
+                    lam_rows(v, nr, 1, rows + p0, rscale, rk, rtoff, Tflat)
+                    for t in range(nr):
+                        v[t] = v[t] * s
+                else:
+                    for t in range(nr):
+                        v[t] = ((A21[p0 + t] * T1[0]) * rscale[rows[p0 + t]]) * s
+            else:
+                # ---- L11[j] = chol(T1' A11[j] T1 + I)
+                blk = L11 + j * k1 * k1
+                for a in range(k1 * k1):
+                    blk[a] = A11[j * k1 * k1 + a]
+                rows_tmul(blk, k1, k1, T1, k1)
+                cols_mul(blk, k1, k1, T1, k1)
+                for a in range(k1):
+                    blk[a * k1 + a] += 1.0
+                if chol_small(blk, k1) != 0:
+                    return -1
+                # ---- L21 panel: (Λr' A21_j Λ1) L11[j]^{-T}
+                for a in range(nr * k1):
+                    v[a] = A21[p0 * k1 + a]
+                cols_mul(v, k1, nr, T1, k1)
+                lam_rows(v, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
+                # forward solve X L11[j]' = V, column by column (one division per column)
+                for c in range(k1):
+                    s = 1.0 / blk[c * k1 + c]
+                    for t in range(nr):
+                        d = v[t * k1 + c]
+                        for b in range(c):
+                            d -= v[t * k1 + b] * blk[c * k1 + b]
+                        v[t * k1 + c] = d * s
             if j1 - j0 == 1 and tptr != NULL and (hflag == NULL or not hflag[j]):
                 xy_accumulate(v, nr, k1, rows + p0, nxy, wxy, wxy + nz * nxy)
             elif j1 - j0 == 1 and tptr == NULL and (hflag == NULL or not hflag[j]):
