@@ -266,7 +266,27 @@ def test_factor_codes_agree_with_pandas_sorted_factorize():
     for col in (pd.Series(rng.choice(["x10", "x2", "Y", "é", "a b"], 500)),
                 pd.Series(rng.integers(-5, 50, 500)), pd.Series(rng.normal(size=50).round(1)),
                 pd.Series(rng.choice(["u", "v"], 80), dtype="string")):
-        codes, levels, _ = factor_codes(col)
+        ref_codes, ref_uniq = pd.factorize(col, sort=True)
+        # values at hand (a model frame's: the sort / dict paths) or not (pandas' path)
+        for got in (factor_codes(col), factor_codes(col, col.to_numpy())):
+            codes, levels, _ = got
+            np.testing.assert_array_equal(codes, ref_codes)
+            assert levels == [str(u) for u in ref_uniq]
+
+
+def test_long_columns_take_the_hash_path_with_the_same_codes():
+    import lmmfast.remat as remat
+
+    rng = np.random.default_rng(4)
+    n = remat._SORT_MAX + 1
+    for col in (pd.Series(rng.integers(0, 900, n)), pd.Series(rng.choice(["b", "a", "c"], n))):
+        codes, levels, _ = factor_codes(col, col.to_numpy())
         ref_codes, ref_uniq = pd.factorize(col, sort=True)
         np.testing.assert_array_equal(codes, ref_codes)
         assert levels == [str(u) for u in ref_uniq]
+
+
+def test_short_object_levels_of_mixed_types_fall_back_to_pandas_order():
+    col = pd.Series([3, "b", 1, "a", 3], dtype=object)
+    codes, levels, _ = factor_codes(col, col.to_numpy())
+    assert [levels[c] for c in codes] == ["3", "b", "1", "a", "3"] and len(levels) == 4
