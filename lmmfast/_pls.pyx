@@ -28,9 +28,11 @@ import numpy as np
 cimport numpy as cnp
 from libc.math cimport sqrt, log, INFINITY, M_PI
 from cython.parallel cimport prange, threadid
-from scipy.linalg.cython_lapack cimport dpotrf, dpotri
-from scipy.linalg.cython_blas cimport dsyrk, dgemm, dtrsv
+from scipy.linalg.cython_lapack cimport dpotrf
+from scipy.linalg.cython_blas cimport dsyrk, dtrsv
 from cpython.pycapsule cimport PyCapsule_New
+from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
+                             lam_rows, max_panel, rows_tmul)
 
 cnp.import_array()
 
@@ -58,100 +60,6 @@ cdef extern from *:
     int lmmfast_omp_max_threads() nogil
 
 OPENMP = bool(LMMFAST_HAVE_OPENMP)   # built with OpenMP: the row-wise downdate runs threaded
-
-
-cdef inline double dot4(const double* x, const double* y, Py_ssize_t n) noexcept nogil:
-    """x·y with four partial sums (a single running sum is bound by the add latency)."""
-    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
-    cdef Py_ssize_t i = 0
-    while i + 4 <= n:
-        s0 += x[i] * y[i]
-        s1 += x[i + 1] * y[i + 1]
-        s2 += x[i + 2] * y[i + 2]
-        s3 += x[i + 3] * y[i + 3]
-        i += 4
-    while i < n:
-        s0 += x[i] * y[i]
-        i += 1
-    return (s0 + s1) + (s2 + s3)
-
-
-cdef int chol_lower(double* a, Py_ssize_t n, Py_ssize_t ld) noexcept nogil:
-    """In-place lower Cholesky of the row-major n×n lower triangle of ``a`` (leading
-    dimension ld; the upper triangle is not touched): what dpotrf('U') computes on the
-    column-major view, without LAPACK's call overhead, for tiny dense blocks.  0 on
-    success, j+1 if pivot j fails."""
-    cdef Py_ssize_t i, j, c
-    cdef double s, t
-    for j in range(n):
-        s = a[j * ld + j]
-        for c in range(j):
-            s -= a[j * ld + c] * a[j * ld + c]
-        if not (s > 0.0):
-            return <int>(j + 1)
-        s = sqrt(s)
-        a[j * ld + j] = s
-        for i in range(j + 1, n):
-            t = a[i * ld + j]
-            for c in range(j):
-                t -= a[i * ld + c] * a[j * ld + c]
-            a[i * ld + j] = t / s
-    return 0
-
-
-cdef int chol_small(double* a, Py_ssize_t k) noexcept nogil:
-    """In-place lower Cholesky of a row-major k×k matrix, upper triangle zeroed (the L11
-    blocks are read whole); 0 on success, j+1 if pivot j fails."""
-    cdef Py_ssize_t i, j
-    cdef int info = chol_lower(a, k, k)
-    if info == 0:
-        for j in range(k):
-            for i in range(j + 1, k):
-                a[j * k + i] = 0.0
-    return info
-
-
-cdef void rows_tmul(double* m, Py_ssize_t ld, Py_ssize_t ncol, const double* T,
-                    Py_ssize_t k) noexcept nogil:
-    """M[0:k, 0:ncol] <- T' M[0:k, 0:ncol] for lower-triangular T (row-major k×k), in place."""
-    cdef Py_ssize_t a, b, c
-    cdef double s
-    for c in range(ncol):
-        for a in range(k):
-            s = 0.0
-            for b in range(a, k):
-                s += T[b * k + a] * m[b * ld + c]
-            m[a * ld + c] = s
-
-
-cdef void cols_mul(double* m, Py_ssize_t ld, Py_ssize_t nrow, const double* T,
-                   Py_ssize_t k) noexcept nogil:
-    """M[0:nrow, 0:k] <- M[0:nrow, 0:k] T for lower-triangular T (row-major k×k), in place."""
-    cdef Py_ssize_t r, a, b
-    cdef double s
-    for r in range(nrow):
-        for a in range(k):
-            s = 0.0
-            for b in range(a, k):
-                s += m[r * ld + b] * T[b * k + a]
-            m[r * ld + a] = s
-
-
-cdef void lam_rows(double* v, Py_ssize_t nr, Py_ssize_t k1, const cnp.int64_t* rows,
-                   const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
-                   const double* Tflat) noexcept nogil:
-    """Panel rows <- Λ_rest' panel rows (scalar scaling or k-row groups times T')."""
-    cdef Py_ssize_t t, c, r, kk
-    cdef double s
-    for t in range(nr):
-        r = rows[t]
-        kk = rk[r]
-        if kk == 1:
-            s = rscale[r]
-            for c in range(k1):
-                v[t * k1 + c] *= s
-        elif kk > 1:
-            rows_tmul(v + t * k1, k1, k1, Tflat + rtoff[r], kk)
 
 
 cdef void lam_dense_groups(const double* A, double* L, Py_ssize_t D, const double* rscale,
@@ -192,10 +100,7 @@ cdef void lam_dense_groups(const double* A, double* L, Py_ssize_t D, const doubl
         r0 += kr
 
 
-# Panels with more entries than this use BLAS (dsyrk / dgemm) on a gathered buffer.
-DEF BLAS_MIN = 256
-# Largest panel (rows) gathered into a buffer; bigger panels use the plain loops.
-DEF GATHER_MAX = 2048
+# (BLAS_MIN, GATHER_MAX: see _dense.pxd)
 # Dense blocks up to this size are factored by plain loops (chol_lower), and batched
 # rank-K updates of up to this many multiply-adds too: LAPACK/BLAS calls cost more.
 DEF SMALL_CHOL = 16
@@ -506,14 +411,6 @@ cdef int update_blocked_core(
     return 0
 
 
-cdef Py_ssize_t _max_panel(const cnp.int64_t[::1] indptr) noexcept:
-    cdef Py_ssize_t j, m = 0
-    for j in range(indptr.shape[0] - 1):
-        if indptr[j + 1] - indptr[j] > m:
-            m = indptr[j + 1] - indptr[j]
-    return m
-
-
 def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                    const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
                    const double[:, ::1] A21, const double[:, ::1] A22, Py_ssize_t nz,
@@ -593,7 +490,7 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
     cdef const double* a21p = &A21[0, 0] if A21.shape[0] > 0 else NULL
     cdef double* l21p = &L21_out[0, 0] if L21_out.shape[0] > 0 else NULL
     cdef const cnp.int64_t* rowsp = &rows[0] if rows.shape[0] > 0 else NULL
-    cdef Py_ssize_t nrmax = _max_panel(indptr)
+    cdef Py_ssize_t nrmax = max_panel(indptr)
     buf = np.empty(min(nrmax, GATHER_MAX) ** 2 if nrmax * k1 >= BLAS_MIN else 1)
     cdef double[::1] bufv = buf
     if batch is None:
@@ -689,198 +586,6 @@ def logdets(const double[:, :, ::1] L11, const double[:, ::1] L22, Py_ssize_t nz
     with nogil:
         logdets_core(L11, L22, nz, &ldz, &ldx, &r2)
     return ldz, ldx, r2
-
-
-cdef int grad_block1_core(
-        const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
-        const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
-        const double* L11, const double* L21, const double* Minv, Py_ssize_t Dp, Py_ssize_t nz,
-        const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
-        const double* Tflat, double* G1, double* out2, Py_ssize_t kmax,
-        double* work, double* gbuf) noexcept nogil:
-    cdef Py_ssize_t j, t, u, a, b, c, p0, nr, r, kk
-    cdef double s
-    cdef int n_i, k_i, ld_i
-    cdef char nn = b'N'
-    cdef double one = 1.0, zero = 0.0
-    cdef double* P = work                       # nr × k1 : Minv22[rows,rows] V, then Minv21_j
-    cdef double* AR = work + Dp * k1            # nr × k1 : Λr' A21_j (scaled rows)
-    cdef double* AT = work + 2 * Dp * k1        # nr × k1 : A21_j T1
-    cdef double* Li = work + 3 * Dp * k1        # k1 × k1 : L11_j^{-1}
-    cdef double* H = Li + k1 * k1               # k1 × k1
-    cdef double* M11 = H + k1 * k1              # k1 × k1
-    cdef double* TA = M11 + k1 * k1             # k1 × k1 : T1' A11_j
-    cdef const double* L
-    cdef const double* V
-    cdef const double* A
-    for j in range(m1):
-        p0 = indptr[j]
-        nr = 0
-        while p0 + nr < indptr[j + 1] and rows[p0 + nr] < Dp:
-            nr += 1
-        L = L11 + j * k1 * k1
-        V = L21 + p0 * k1
-        A = A21 + p0 * k1
-        # Li = L^{-1} (lower)
-        for a in range(k1):
-            for b in range(k1):
-                Li[a * k1 + b] = 0.0
-            Li[a * k1 + a] = 1.0 / L[a * k1 + a]
-            for b in range(a):
-                s = 0.0
-                for c in range(b, a):
-                    s += L[a * k1 + c] * Li[c * k1 + b]
-                Li[a * k1 + b] = -s / L[a * k1 + a]
-        # P = Minv22[rows, rows] V
-        if nr * k1 >= BLAS_MIN and rows[p0 + nr - 1] - rows[p0] == nr - 1:
-            n_i = <int>nr
-            k_i = <int>k1
-            ld_i = <int>Dp
-            dgemm(&nn, &nn, &k_i, &n_i, &n_i, &one, <double*>V, &k_i,
-                  <double*>Minv + rows[p0] * Dp + rows[p0], &ld_i, &zero, P, &k_i)
-        elif gbuf != NULL and nr * k1 >= BLAS_MIN and nr <= GATHER_MAX:
-            for t in range(nr):
-                r = rows[p0 + t] * Dp
-                for u in range(nr):
-                    gbuf[t * nr + u] = Minv[r + rows[p0 + u]]
-            # column-major: P' (k1×nr) = V' (k1×nr) S (nr×nr, symmetric)
-            n_i = <int>nr
-            k_i = <int>k1
-            dgemm(&nn, &nn, &k_i, &n_i, &n_i, &one, <double*>V, &k_i, gbuf, &n_i, &zero, P, &k_i)
-        else:
-            for t in range(nr):
-                for c in range(k1):
-                    s = 0.0
-                    for u in range(nr):
-                        s += Minv[rows[p0 + t] * Dp + rows[p0 + u]] * V[u * k1 + c]
-                    P[t * k1 + c] = s
-        # H = I + V'P
-        for a in range(k1):
-            for b in range(k1):
-                s = 1.0 if a == b else 0.0
-                for t in range(nr):
-                    s += V[t * k1 + a] * P[t * k1 + b]
-                H[a * k1 + b] = s
-        # M11 = Li' H Li
-        for a in range(k1):
-            for b in range(k1):
-                s = 0.0
-                for c in range(k1):
-                    for u in range(k1):
-                        s += Li[c * k1 + a] * H[c * k1 + u] * Li[u * k1 + b]
-                M11[a * k1 + b] = s
-        # Minv21_j = -P Li  (overwrite P row by row)
-        for t in range(nr):
-            for c in range(k1):
-                s = 0.0
-                for u in range(c, k1):
-                    s += P[t * k1 + u] * Li[u * k1 + c]
-                H[c] = -s
-            for c in range(k1):
-                P[t * k1 + c] = H[c]
-        # TA = T1' A11_j
-        for a in range(k1):
-            for b in range(k1):
-                s = 0.0
-                for c in range(a, k1):
-                    s += T1[c * k1 + a] * A11[j * k1 * k1 + c * k1 + b]
-                TA[a * k1 + b] = s
-        # AR = Λr' A21_j ; AT = A21_j T1
-        for t in range(nr * k1):
-            AR[t] = A[t]
-            AT[t] = A[t]
-        lam_rows(AR, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
-        cols_mul(AT, k1, nr, T1, k1)
-        # G1[b, a] += (M11 TA)[b, a] + (Minv21' AR)[b, a]
-        for b in range(k1):
-            for a in range(k1):
-                s = 0.0
-                for c in range(k1):
-                    s += M11[b * k1 + c] * TA[c * k1 + a]
-                for t in range(nr):
-                    s += P[t * k1 + b] * AR[t * k1 + a]
-                G1[b * k1 + a] += s
-        # coupling part of the rest terms' gradient
-        for t in range(nr):
-            r = rows[p0 + t]
-            if r >= nz:
-                break
-            kk = rk[r]
-            if kk < 1:
-                continue
-            for a in range(kk):
-                for b in range(kk):
-                    s = 0.0
-                    for c in range(k1):
-                        s += P[(t + b) * k1 + c] * AT[(t + a) * k1 + c]
-                    out2[(r + a) * kmax + b] += s
-    return 0
-
-
-def grad_block1(const double[:, :, ::1] A11, const double[:, ::1] T1,
-                const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
-                const double[:, ::1] A21, const double[:, :, ::1] L11, const double[:, ::1] L21,
-                const double[:, ::1] Minv, Py_ssize_t nz,
-                const double[::1] rscale, const cnp.int64_t[::1] rk,
-                const cnp.int64_t[::1] rtoff, const double[::1] Tflat,
-                double[:, ::1] G1_out, double[:, ::1] out2):
-    """Term-1 and coupling parts of the gradient of log|M| (see ``gradient.py``).
-
-    ``Minv`` is the dense block of M⁻¹ over the first Dp rows of the dense block (Dp = nz for
-    ML, nz + p for REML).  Accumulates ``G1_out[b, a] += Σ_j Σ_r M⁻¹[(j,b), r] (W'Z)[r, (j,a)]``
-    and, for every k-row group starting at row r of the rest terms,
-    ``out2[r + a, b] += Σ_j Σ_c M⁻¹[(r+b), (j,c)] (W'Z)[(j,c), r+a]``.
-    """
-    cdef Py_ssize_t m1 = A11.shape[0], k1 = A11.shape[1], Dp = Minv.shape[0]
-    cdef Py_ssize_t kmax = out2.shape[1]
-    if Minv.shape[1] != Dp or Dp < nz or Dp > rk.shape[0]:
-        raise ValueError("Minv must be square with nz <= Dp <= D")
-    if G1_out.shape[0] != k1 or G1_out.shape[1] != k1 or out2.shape[0] < nz:
-        raise ValueError("output shapes do not match")
-    if L11.shape[0] != m1 or L21.shape[0] != A21.shape[0] or indptr.shape[0] != m1 + 1:
-        raise ValueError("factor shapes do not match the cross-products")
-    work = np.zeros(3 * max(Dp, 1) * k1 + 4 * k1 * k1 + k1)
-    cdef double[::1] w = work
-    cdef Py_ssize_t nrmax = _max_panel(indptr)
-    cdef bint use_blas = nrmax * k1 >= BLAS_MIN
-    gb = np.empty(min(nrmax, GATHER_MAX) ** 2 if use_blas else 1)
-    cdef double[::1] gbv = gb
-    cdef const double* a21p = &A21[0, 0] if A21.shape[0] > 0 else NULL
-    cdef const double* l21p = &L21[0, 0] if L21.shape[0] > 0 else NULL
-    cdef const cnp.int64_t* rowsp = &rows[0] if rows.shape[0] > 0 else NULL
-    cdef const double* minvp = &Minv[0, 0] if Dp > 0 else NULL
-    cdef double* o2 = &out2[0, 0] if out2.shape[0] > 0 and kmax > 0 else NULL
-    with nogil:
-        grad_block1_core(&A11[0, 0, 0], m1, k1, &T1[0, 0], &indptr[0], rowsp, a21p,
-                         &L11[0, 0, 0], l21p, minvp, Dp, nz, &rscale[0], &rk[0], &rtoff[0],
-                         &Tflat[0], &G1_out[0, 0], o2, kmax, &w[0],
-                         &gbv[0] if use_blas else NULL)
-    return None
-
-
-def dense_inverse(const double[:, ::1] L22, Py_ssize_t Dp, double[:, ::1] out):
-    """``out`` <- (L L')⁻¹ for L = the leading Dp×Dp lower triangle of L22, full symmetric.
-
-    LAPACK ``dpotri`` on the row-major lower triangle (column-major upper), then the other
-    triangle filled in place: one call, no temporaries.  Returns LAPACK's info.
-    """
-    if L22.shape[0] < Dp or L22.shape[1] < Dp or out.shape[0] != Dp or out.shape[1] != Dp:
-        raise ValueError("shapes do not match")
-    cdef Py_ssize_t r, c, ld = L22.shape[1]
-    cdef int n_i = <int>Dp, info = 0
-    cdef char uplo = b'U'
-    if Dp == 0:
-        return 0
-    with nogil:
-        for r in range(Dp):
-            for c in range(r + 1):
-                out[r, c] = L22[r, c]
-        dpotri(&uplo, &n_i, &out[0, 0], &n_i, &info)
-        if info == 0:
-            for r in range(Dp):
-                for c in range(r):
-                    out[c, r] = out[r, c]
-    return info
 
 
 _omp_used = False      # this process ran a threaded region
@@ -981,7 +686,7 @@ cdef class BlockedFactor:
         self.m1, self.k1, self.D, self.nz = xp.m1, xp.k1, xp.D, xp.nz
         self.nbatch = len(xp.batch) - 1
         self.n, self.p = xp.n, xp.p
-        cdef Py_ssize_t nrmax = _max_panel(xp.indptr), bi, wmax = 1
+        cdef Py_ssize_t nrmax = max_panel(xp.indptr), bi, wmax = 1
         self.use_buf = nrmax * self.k1 >= BLAS_MIN
         self.buf = np.empty(min(nrmax, GATHER_MAX) ** 2 if self.use_buf else 1)
         for bi in range(self.nbatch):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _pls
+from . import _gradient
 
 __all__ = ["blocked_gradient", "numeric_gradient"]
 
@@ -52,14 +52,14 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
     Dp = nz + p if reml else nz
     # ---- dense block of M⁻¹ (selected inverse of the dense part: all of it)
     Minv = np.empty((Dp, Dp))
-    info = _pls.dense_inverse(pls.L22, Dp, Minv)
+    info = _gradient.dense_inverse(pls.L22, Dp, Minv)
     if info != 0:
         raise np.linalg.LinAlgError(f"dpotri failed ({info})")
     kmax = max([k for _, k in xp.term_shapes[1:]] + [1])
     G1 = np.zeros((k1, k1))
     out2 = np.zeros((max(nz, 1), kmax))
-    _pls.grad_block1(xp.A11, pls.T1, xp.indptr, xp.rows, xp.A21, pls.L11, pls.L21,
-                     Minv, nz, pls.rscale, xp.rk, xp.rtoff, pls.Tflat, G1, out2)
+    _gradient.grad_block1(xp.A11, pls.T1, xp.indptr, xp.rows, xp.A21, pls.L11, pls.L21,
+                          Minv, nz, pls.rscale, xp.rk, xp.rtoff, pls.Tflat, G1, out2)
     Gs = [G1]
     if nz:
         AL = _lam_t_rows(xp.A22[:Dp, :nz], xp, pls.rscale, pls.Tflat, Dp)  # Λr'(W'Z) rows

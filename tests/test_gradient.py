@@ -3,8 +3,11 @@ gradient-based optimizer against lme4's optimum."""
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lmmfast
+from lmmfast import _gradient
 from lmmfast.gradient import numeric_gradient
 
 from helpers import CASES, load_csv, load_ref
@@ -91,3 +94,20 @@ def test_lbfgs_keeps_a_true_boundary_optimum_without_restarting():
     assert fit.theta[0] == 0.0 and ref["theta"][0] == pytest.approx(0.0, abs=1e-8)
     assert fit.objective <= ref["objective"] + 1e-8
     assert fit.optsummary.feval < 25
+
+
+# ---------------------------------------------------------------- kernels
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 40), st.integers(0, 2**31 - 1))
+def test_dense_inverse_matches_numpy(D, cut, seed):
+    """_gradient.dense_inverse: (L L')⁻¹ of the leading block of a row-major lower factor."""
+    rng = np.random.default_rng(seed)
+    Dp = min(cut, D)
+    A = rng.normal(size=(D, D))
+    S = A @ A.T + D * np.eye(D)
+    L = np.linalg.cholesky(S)
+    L22 = np.ascontiguousarray(L + np.triu(rng.normal(size=(D, D)), 1))  # upper part is scratch
+    out = np.empty((Dp, Dp))
+    assert _gradient.dense_inverse(L22, Dp, out) == 0
+    Lp = L[:Dp, :Dp]
+    np.testing.assert_allclose(out, np.linalg.inv(Lp @ Lp.T), rtol=1e-9, atol=1e-12)

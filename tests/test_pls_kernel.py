@@ -320,22 +320,6 @@ def test_objective_is_inf_when_factor_fails():
     assert pls.objective(np.array([1.0]), True) == np.inf
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 40), st.integers(0, 40), st.integers(0, 2**31 - 1))
-def test_dense_inverse_matches_numpy(D, cut, seed):
-    """_pls.dense_inverse: (L L')⁻¹ of the leading block of a row-major lower factor."""
-    rng = np.random.default_rng(seed)
-    Dp = min(cut, D)
-    A = rng.normal(size=(D, D))
-    S = A @ A.T + D * np.eye(D)
-    L = np.linalg.cholesky(S)
-    L22 = np.ascontiguousarray(L + np.triu(rng.normal(size=(D, D)), 1))  # upper part is scratch
-    out = np.empty((Dp, Dp))
-    assert _pls.dense_inverse(L22, Dp, out) == 0
-    Lp = L[:Dp, :Dp]
-    np.testing.assert_allclose(out, np.linalg.inv(Lp @ Lp.T), rtol=1e-9, atol=1e-12)
-
-
 @pytest.mark.parametrize("formula", ["y ~ 1 + x + (1|g1) + (1 + x|g2)", "y ~ 1 + x + (1 + x|g1) + (1|g2)",
                                      "y ~ x + (1 + x|g1)", "y ~ x * f + (1|g1) + (1|g2)",
                                      "y ~ x * f + (1 + x|g1) + (1|g2)"])

@@ -1,0 +1,116 @@
+# cython: language_level=3
+"""Small dense kernels shared by the factorization (``_pls``) and its gradient
+(``_gradient``): row-major blocks of a few rows, plain loops (BLAS and LAPACK calls cost
+more than the arithmetic at these sizes).  Inline, so each module compiles its own copy.
+"""
+cimport numpy as cnp
+from libc.math cimport sqrt
+
+cdef enum:
+    # Panels with more entries than this use BLAS (dsyrk / dgemm) on a gathered buffer.
+    BLAS_MIN = 256
+    # Largest panel (rows) gathered into a buffer; bigger panels use the plain loops.
+    GATHER_MAX = 2048
+
+
+cdef inline Py_ssize_t max_panel(const cnp.int64_t[::1] indptr) noexcept:
+    """Most rows in one panel: the largest indptr[j + 1] - indptr[j]."""
+    cdef Py_ssize_t j, n = 0
+    for j in range(indptr.shape[0] - 1):
+        if indptr[j + 1] - indptr[j] > n:
+            n = indptr[j + 1] - indptr[j]
+    return n
+
+
+cdef inline double dot4(const double* x, const double* y, Py_ssize_t n) noexcept nogil:
+    """x·y with four partial sums (a single running sum is bound by the add latency)."""
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        s0 += x[i] * y[i]
+        s1 += x[i + 1] * y[i + 1]
+        s2 += x[i + 2] * y[i + 2]
+        s3 += x[i + 3] * y[i + 3]
+        i += 4
+    while i < n:
+        s0 += x[i] * y[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef inline int chol_lower(double* a, Py_ssize_t n, Py_ssize_t ld) noexcept nogil:
+    """In-place lower Cholesky of the row-major n×n lower triangle of ``a`` (leading
+    dimension ld; the upper triangle is not touched): what dpotrf('U') computes on the
+    column-major view, without LAPACK's call overhead, for tiny dense blocks.  0 on
+    success, j+1 if pivot j fails."""
+    cdef Py_ssize_t i, j, c
+    cdef double s, t
+    for j in range(n):
+        s = a[j * ld + j]
+        for c in range(j):
+            s -= a[j * ld + c] * a[j * ld + c]
+        if not (s > 0.0):
+            return <int>(j + 1)
+        s = sqrt(s)
+        a[j * ld + j] = s
+        for i in range(j + 1, n):
+            t = a[i * ld + j]
+            for c in range(j):
+                t -= a[i * ld + c] * a[j * ld + c]
+            a[i * ld + j] = t / s
+    return 0
+
+
+cdef inline int chol_small(double* a, Py_ssize_t k) noexcept nogil:
+    """In-place lower Cholesky of a row-major k×k matrix, upper triangle zeroed (the L11
+    blocks are read whole); 0 on success, j+1 if pivot j fails."""
+    cdef Py_ssize_t i, j
+    cdef int info = chol_lower(a, k, k)
+    if info == 0:
+        for j in range(k):
+            for i in range(j + 1, k):
+                a[j * k + i] = 0.0
+    return info
+
+
+cdef inline void rows_tmul(double* m, Py_ssize_t ld, Py_ssize_t ncol, const double* T,
+                    Py_ssize_t k) noexcept nogil:
+    """M[0:k, 0:ncol] <- T' M[0:k, 0:ncol] for lower-triangular T (row-major k×k), in place."""
+    cdef Py_ssize_t a, b, c
+    cdef double s
+    for c in range(ncol):
+        for a in range(k):
+            s = 0.0
+            for b in range(a, k):
+                s += T[b * k + a] * m[b * ld + c]
+            m[a * ld + c] = s
+
+
+cdef inline void cols_mul(double* m, Py_ssize_t ld, Py_ssize_t nrow, const double* T,
+                   Py_ssize_t k) noexcept nogil:
+    """M[0:nrow, 0:k] <- M[0:nrow, 0:k] T for lower-triangular T (row-major k×k), in place."""
+    cdef Py_ssize_t r, a, b
+    cdef double s
+    for r in range(nrow):
+        for a in range(k):
+            s = 0.0
+            for b in range(a, k):
+                s += m[r * ld + b] * T[b * k + a]
+            m[r * ld + a] = s
+
+
+cdef inline void lam_rows(double* v, Py_ssize_t nr, Py_ssize_t k1, const cnp.int64_t* rows,
+                   const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
+                   const double* Tflat) noexcept nogil:
+    """Panel rows <- Λ_rest' panel rows (scalar scaling or k-row groups times T')."""
+    cdef Py_ssize_t t, c, r, kk
+    cdef double s
+    for t in range(nr):
+        r = rows[t]
+        kk = rk[r]
+        if kk == 1:
+            s = rscale[r]
+            for c in range(k1):
+                v[t * k1 + c] *= s
+        elif kk > 1:
+            rows_tmul(v + t * k1, k1, k1, Tflat + rtoff[r], kk)

@@ -1,0 +1,209 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+"""Compiled kernels of the gradient of the profiled deviance in θ (see ``gradient.py``).
+
+The derivative of log|M| in θ needs the entries of M⁻¹ on the pattern of W'Z (a selected
+inverse): ``dense_inverse`` gives the dense block's part (LAPACK ``dpotri``),
+``grad_block1`` the first term's part, level by level from the blocked factor (L11, L21)
+of ``_pls``, together with the coupling part of the later terms' derivatives.
+"""
+import numpy as np
+cimport numpy as cnp
+from scipy.linalg.cython_lapack cimport dpotri
+from scipy.linalg.cython_blas cimport dgemm
+from lmmfast._dense cimport BLAS_MIN, GATHER_MAX, cols_mul, lam_rows, max_panel
+
+cnp.import_array()
+
+
+cdef int grad_block1_core(
+        const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
+        const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
+        const double* L11, const double* L21, const double* Minv, Py_ssize_t Dp, Py_ssize_t nz,
+        const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
+        const double* Tflat, double* G1, double* out2, Py_ssize_t kmax,
+        double* work, double* gbuf) noexcept nogil:
+    cdef Py_ssize_t j, t, u, a, b, c, p0, nr, r, kk
+    cdef double s
+    cdef int n_i, k_i, ld_i
+    cdef char nn = b'N'
+    cdef double one = 1.0, zero = 0.0
+    cdef double* P = work                       # nr × k1 : Minv22[rows,rows] V, then Minv21_j
+    cdef double* AR = work + Dp * k1            # nr × k1 : Λr' A21_j (scaled rows)
+    cdef double* AT = work + 2 * Dp * k1        # nr × k1 : A21_j T1
+    cdef double* Li = work + 3 * Dp * k1        # k1 × k1 : L11_j^{-1}
+    cdef double* H = Li + k1 * k1               # k1 × k1
+    cdef double* M11 = H + k1 * k1              # k1 × k1
+    cdef double* TA = M11 + k1 * k1             # k1 × k1 : T1' A11_j
+    cdef const double* L
+    cdef const double* V
+    cdef const double* A
+    for j in range(m1):
+        p0 = indptr[j]
+        nr = 0
+        while p0 + nr < indptr[j + 1] and rows[p0 + nr] < Dp:
+            nr += 1
+        L = L11 + j * k1 * k1
+        V = L21 + p0 * k1
+        A = A21 + p0 * k1
+        # Li = L^{-1} (lower)
+        for a in range(k1):
+            for b in range(k1):
+                Li[a * k1 + b] = 0.0
+            Li[a * k1 + a] = 1.0 / L[a * k1 + a]
+            for b in range(a):
+                s = 0.0
+                for c in range(b, a):
+                    s += L[a * k1 + c] * Li[c * k1 + b]
+                Li[a * k1 + b] = -s / L[a * k1 + a]
+        # P = Minv22[rows, rows] V
+        if nr * k1 >= BLAS_MIN and rows[p0 + nr - 1] - rows[p0] == nr - 1:
+            n_i = <int>nr
+            k_i = <int>k1
+            ld_i = <int>Dp
+            dgemm(&nn, &nn, &k_i, &n_i, &n_i, &one, <double*>V, &k_i,
+                  <double*>Minv + rows[p0] * Dp + rows[p0], &ld_i, &zero, P, &k_i)
+        elif gbuf != NULL and nr * k1 >= BLAS_MIN and nr <= GATHER_MAX:
+            for t in range(nr):
+                r = rows[p0 + t] * Dp
+                for u in range(nr):
+                    gbuf[t * nr + u] = Minv[r + rows[p0 + u]]
+            # column-major: P' (k1×nr) = V' (k1×nr) S (nr×nr, symmetric)
+            n_i = <int>nr
+            k_i = <int>k1
+            dgemm(&nn, &nn, &k_i, &n_i, &n_i, &one, <double*>V, &k_i, gbuf, &n_i, &zero, P, &k_i)
+        else:
+            for t in range(nr):
+                for c in range(k1):
+                    s = 0.0
+                    for u in range(nr):
+                        s += Minv[rows[p0 + t] * Dp + rows[p0 + u]] * V[u * k1 + c]
+                    P[t * k1 + c] = s
+        # H = I + V'P
+        for a in range(k1):
+            for b in range(k1):
+                s = 1.0 if a == b else 0.0
+                for t in range(nr):
+                    s += V[t * k1 + a] * P[t * k1 + b]
+                H[a * k1 + b] = s
+        # M11 = Li' H Li
+        for a in range(k1):
+            for b in range(k1):
+                s = 0.0
+                for c in range(k1):
+                    for u in range(k1):
+                        s += Li[c * k1 + a] * H[c * k1 + u] * Li[u * k1 + b]
+                M11[a * k1 + b] = s
+        # Minv21_j = -P Li  (overwrite P row by row)
+        for t in range(nr):
+            for c in range(k1):
+                s = 0.0
+                for u in range(c, k1):
+                    s += P[t * k1 + u] * Li[u * k1 + c]
+                H[c] = -s
+            for c in range(k1):
+                P[t * k1 + c] = H[c]
+        # TA = T1' A11_j
+        for a in range(k1):
+            for b in range(k1):
+                s = 0.0
+                for c in range(a, k1):
+                    s += T1[c * k1 + a] * A11[j * k1 * k1 + c * k1 + b]
+                TA[a * k1 + b] = s
+        # AR = Λr' A21_j ; AT = A21_j T1
+        for t in range(nr * k1):
+            AR[t] = A[t]
+            AT[t] = A[t]
+        lam_rows(AR, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
+        cols_mul(AT, k1, nr, T1, k1)
+        # G1[b, a] += (M11 TA)[b, a] + (Minv21' AR)[b, a]
+        for b in range(k1):
+            for a in range(k1):
+                s = 0.0
+                for c in range(k1):
+                    s += M11[b * k1 + c] * TA[c * k1 + a]
+                for t in range(nr):
+                    s += P[t * k1 + b] * AR[t * k1 + a]
+                G1[b * k1 + a] += s
+        # coupling part of the rest terms' gradient
+        for t in range(nr):
+            r = rows[p0 + t]
+            if r >= nz:
+                break
+            kk = rk[r]
+            if kk < 1:
+                continue
+            for a in range(kk):
+                for b in range(kk):
+                    s = 0.0
+                    for c in range(k1):
+                        s += P[(t + b) * k1 + c] * AT[(t + a) * k1 + c]
+                    out2[(r + a) * kmax + b] += s
+    return 0
+
+
+def grad_block1(const double[:, :, ::1] A11, const double[:, ::1] T1,
+                const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
+                const double[:, ::1] A21, const double[:, :, ::1] L11, const double[:, ::1] L21,
+                const double[:, ::1] Minv, Py_ssize_t nz,
+                const double[::1] rscale, const cnp.int64_t[::1] rk,
+                const cnp.int64_t[::1] rtoff, const double[::1] Tflat,
+                double[:, ::1] G1_out, double[:, ::1] out2):
+    """Term-1 and coupling parts of the gradient of log|M| (see ``gradient.py``).
+
+    ``Minv`` is the dense block of M⁻¹ over the first Dp rows of the dense block (Dp = nz for
+    ML, nz + p for REML).  Accumulates ``G1_out[b, a] += Σ_j Σ_r M⁻¹[(j,b), r] (W'Z)[r, (j,a)]``
+    and, for every k-row group starting at row r of the rest terms,
+    ``out2[r + a, b] += Σ_j Σ_c M⁻¹[(r+b), (j,c)] (W'Z)[(j,c), r+a]``.
+    """
+    cdef Py_ssize_t m1 = A11.shape[0], k1 = A11.shape[1], Dp = Minv.shape[0]
+    cdef Py_ssize_t kmax = out2.shape[1]
+    if Minv.shape[1] != Dp or Dp < nz or Dp > rk.shape[0]:
+        raise ValueError("Minv must be square with nz <= Dp <= D")
+    if G1_out.shape[0] != k1 or G1_out.shape[1] != k1 or out2.shape[0] < nz:
+        raise ValueError("output shapes do not match")
+    if L11.shape[0] != m1 or L21.shape[0] != A21.shape[0] or indptr.shape[0] != m1 + 1:
+        raise ValueError("factor shapes do not match the cross-products")
+    work = np.zeros(3 * max(Dp, 1) * k1 + 4 * k1 * k1 + k1)
+    cdef double[::1] w = work
+    cdef Py_ssize_t nrmax = max_panel(indptr)
+    cdef bint use_blas = nrmax * k1 >= BLAS_MIN
+    gb = np.empty(min(nrmax, GATHER_MAX) ** 2 if use_blas else 1)
+    cdef double[::1] gbv = gb
+    cdef const double* a21p = &A21[0, 0] if A21.shape[0] > 0 else NULL
+    cdef const double* l21p = &L21[0, 0] if L21.shape[0] > 0 else NULL
+    cdef const cnp.int64_t* rowsp = &rows[0] if rows.shape[0] > 0 else NULL
+    cdef const double* minvp = &Minv[0, 0] if Dp > 0 else NULL
+    cdef double* o2 = &out2[0, 0] if out2.shape[0] > 0 and kmax > 0 else NULL
+    with nogil:
+        grad_block1_core(&A11[0, 0, 0], m1, k1, &T1[0, 0], &indptr[0], rowsp, a21p,
+                         &L11[0, 0, 0], l21p, minvp, Dp, nz, &rscale[0], &rk[0], &rtoff[0],
+                         &Tflat[0], &G1_out[0, 0], o2, kmax, &w[0],
+                         &gbv[0] if use_blas else NULL)
+    return None
+
+
+def dense_inverse(const double[:, ::1] L22, Py_ssize_t Dp, double[:, ::1] out):
+    """``out`` <- (L L')⁻¹ for L = the leading Dp×Dp lower triangle of L22, full symmetric.
+
+    LAPACK ``dpotri`` on the row-major lower triangle (column-major upper), then the other
+    triangle filled in place: one call, no temporaries.  Returns LAPACK's info.
+    """
+    if L22.shape[0] < Dp or L22.shape[1] < Dp or out.shape[0] != Dp or out.shape[1] != Dp:
+        raise ValueError("shapes do not match")
+    cdef Py_ssize_t r, c, ld = L22.shape[1]
+    cdef int n_i = <int>Dp, info = 0
+    cdef char uplo = b'U'
+    if Dp == 0:
+        return 0
+    with nogil:
+        for r in range(Dp):
+            for c in range(r + 1):
+                out[r, c] = L22[r, c]
+        dpotri(&uplo, &n_i, &out[0, 0], &n_i, &info)
+        if info == 0:
+            for r in range(Dp):
+                for c in range(r):
+                    out[c, r] = out[r, c]
+    return info
+
