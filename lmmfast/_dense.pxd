@@ -74,16 +74,20 @@ cdef inline int chol_small(double* a, Py_ssize_t k) noexcept nogil:
 
 
 cdef inline void rows_tmul(double* m, Py_ssize_t ld, Py_ssize_t ncol, const double* T,
-                    Py_ssize_t k) noexcept nogil:
-    """M[0:k, 0:ncol] <- T' M[0:k, 0:ncol] for lower-triangular T (row-major k×k), in place."""
+                           Py_ssize_t k) noexcept nogil:
+    """M[0:k, 0:ncol] <- T' M[0:k, 0:ncol] for lower-triangular T (row-major k×k), in place:
+    row a is T[a, a] row a + Σ_{b > a} T[b, a] row b, and rows b > a are still unchanged
+    when it is formed (contiguous inner loops, the same sums in the same order)."""
     cdef Py_ssize_t a, b, c
-    cdef double s
-    for c in range(ncol):
-        for a in range(k):
-            s = 0.0
-            for b in range(a, k):
-                s += T[b * k + a] * m[b * ld + c]
-            m[a * ld + c] = s
+    cdef double t
+    for a in range(k):
+        t = T[a * k + a]
+        for c in range(ncol):
+            m[a * ld + c] = t * m[a * ld + c]
+        for b in range(a + 1, k):
+            t = T[b * k + a]
+            for c in range(ncol):
+                m[a * ld + c] += t * m[b * ld + c]
 
 
 cdef inline void cols_mul(double* m, Py_ssize_t ld, Py_ssize_t nrow, const double* T,

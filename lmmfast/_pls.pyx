@@ -31,6 +31,7 @@ from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_lapack cimport dpotrf
 from scipy.linalg.cython_blas cimport dsyrk, dtrsv
 from cpython.pycapsule cimport PyCapsule_New
+from libc.stdlib cimport malloc, free
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
                              lam_rows, max_panel, rows_tmul)
 
@@ -107,6 +108,44 @@ DEF SMALL_CHOL = 16
 DEF SMALL_SYRK = 4096
 # Row-wise downdates with fewer multiply-adds than this run on one thread.
 THREAD_MIN_WORK = 2e7
+
+
+cdef void right_factor(const double* T, const double* L, Py_ssize_t k, double* R,
+                       double* Li) noexcept nogil:
+    """R <- T L^{-T} for lower-triangular row-major k×k T and L (Li: L^{-1} scratch)."""
+    cdef Py_ssize_t a, b, c
+    cdef double s
+    for a in range(k):                      # Li = L^{-1}, lower, row by row
+        for b in range(k):
+            Li[a * k + b] = 0.0
+        Li[a * k + a] = 1.0 / L[a * k + a]
+        for b in range(a):
+            s = 0.0
+            for c in range(b, a):
+                s += L[a * k + c] * Li[c * k + b]
+            Li[a * k + b] = -s / L[a * k + a]
+    for a in range(k):                      # R[a, b] = Σ_{c <= min(a, b)} T[a, c] Li[b, c]
+        for b in range(k):
+            s = 0.0
+            for c in range(min(a, b) + 1):
+                s += T[a * k + c] * Li[b * k + c]
+            R[a * k + b] = s
+
+
+cdef void rows_times(double* v, Py_ssize_t nr, Py_ssize_t k, const double* R,
+                     double* tmp) noexcept nogil:
+    """Each row of the row-major nr×k V <- row · R (R row-major k×k; tmp: k scratch)."""
+    cdef Py_ssize_t t, a, b
+    cdef double x
+    for t in range(nr):
+        for a in range(k):
+            tmp[a] = 0.0
+        for b in range(k):
+            x = v[t * k + b]
+            for a in range(k):
+                tmp[a] += x * R[b * k + a]
+        for a in range(k):
+            v[t * k + a] = tmp[a]
 
 
 cdef void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows, const double* v,
@@ -260,7 +299,31 @@ cdef int update_blocked_core(
     """One factorization (see :func:`update_blocked`).  With the transposed pattern
     (``tptr``), ``tstart`` is where each entry's panel starts (``indptr[tlev]``),
     ``rows32`` is ``rows`` as int32 and ``wxy`` holds (D - nz) × D scratch doubles for the
-    X/y rows' downdate."""
+    X/y rows' downdate.  -2 when scratch memory cannot be had."""
+    cdef double* rbuf = NULL
+    cdef int info
+    if k1 > 1:        # a level's T1 L11^{-T} and L11^{-1}, and one panel row
+        rbuf = <double*>malloc((2 * k1 * k1 + k1) * sizeof(double))
+        if rbuf == NULL:
+            return -2
+    info = _factor_body(A11, m1, k1, T1, indptr, rows, A21, A22, D, nz, rscale, rk, rtoff,
+                        Tflat, batch, nbatch, L11, L21, L22, buf, wbuf, tptr, tidx, tstart,
+                        rows32, acc, wxy, heavy, nheavy, hflag, hbuf, hchunk, nthreads, rbuf)
+    free(rbuf)
+    return info
+
+
+cdef int _factor_body(
+        const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
+        const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
+        const double* A22, Py_ssize_t D, Py_ssize_t nz,
+        const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
+        const double* Tflat, const cnp.int64_t* batch, Py_ssize_t nbatch,
+        double* L11, double* L21, double* L22, double* buf, double* wbuf,
+        const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tstart,
+        const cnp.int32_t* rows32, double* acc, double* wxy, const cnp.int64_t* heavy, Py_ssize_t nheavy,
+        const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads,
+        double* rbuf) noexcept nogil:
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
     cdef Py_ssize_t nxy = D - nz
     cdef int k_i, ld_i
@@ -329,19 +392,13 @@ cdef int update_blocked_core(
                     blk[a * k1 + a] += 1.0
                 if chol_small(blk, k1) != 0:
                     return -1
-                # ---- L21 panel: (Λr' A21_j Λ1) L11[j]^{-T}
+                # ---- L21 panel: (Λr' A21_j) (T1 L11[j]^{-T}): the row operations in
+                # place, then each row times one k1×k1 matrix (contiguous inner loops)
                 for a in range(nr * k1):
                     v[a] = A21[p0 * k1 + a]
-                cols_mul(v, k1, nr, T1, k1)
                 lam_rows(v, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
-                # forward solve X L11[j]' = V, column by column (one division per column)
-                for c in range(k1):
-                    s = 1.0 / blk[c * k1 + c]
-                    for t in range(nr):
-                        d = v[t * k1 + c]
-                        for b in range(c):
-                            d -= v[t * k1 + b] * blk[c * k1 + b]
-                        v[t * k1 + c] = d * s
+                right_factor(T1, blk, k1, rbuf, rbuf + k1 * k1)
+                rows_times(v, nr, k1, rbuf, rbuf + 2 * k1 * k1)
             if j1 - j0 == 1 and tptr != NULL and (hflag == NULL or not hflag[j]):
                 xy_accumulate(v, nr, k1, rows + p0, nxy, wxy, wxy + nz * nxy)
             elif j1 - j0 == 1 and tptr == NULL and (hflag == NULL or not hflag[j]):

@@ -82,6 +82,17 @@ def describe_lmmfast(fit) -> dict:
            "method": str(fit.model.method), "ntheta": int(fit.model.ntheta),
            "revision": git_revision()}
     out.update(eval_floor(fit.model))
+    out.update(eval_cost(fit))
+    return out
+
+
+def eval_cost(fit) -> dict:
+    """One objective evaluation at θ̂ in ms (fastest of up to 7; the same call the
+    optimizer makes), and with the gradient where the fit used it (L-BFGS-B)."""
+    model, theta = fit.model, np.asarray(fit.theta, dtype=float)
+    out = {"eval_ms": 1000 * _best_time(lambda: model.objective(theta))}
+    if fit.optsummary.optimizer == "lbfgs":
+        out["eval_grad_ms"] = 1000 * _best_time(lambda: model.objective_and_gradient(theta))
     return out
 
 
