@@ -29,7 +29,7 @@ cimport numpy as cnp
 from libc.math cimport sqrt, log, INFINITY, M_PI
 from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_lapack cimport dpotrf
-from scipy.linalg.cython_blas cimport dsyrk, dtrsv
+from scipy.linalg.cython_blas cimport dgemm, dsyrk, dtrsv
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdlib cimport malloc, free
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
@@ -106,6 +106,8 @@ cdef void lam_dense_groups(const double* A, double* L, Py_ssize_t D, const doubl
 # rank-K updates of up to this many multiply-adds too: LAPACK/BLAS calls cost more.
 DEF SMALL_CHOL = 16
 DEF SMALL_SYRK = 4096
+# A panel with at least this many multiply-adds (rows × k1²) is multiplied by BLAS.
+DEF PANEL_GEMM_MIN = 2048
 # Row-wise downdates with fewer multiply-adds than this run on one thread.
 THREAD_MIN_WORK = 2e7
 
@@ -327,8 +329,8 @@ cdef int _factor_body(
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
     cdef Py_ssize_t nxy = D - nz
     cdef int k_i, ld_i
-    cdef char tr = b'T'
-    cdef double one = 1.0, mone = -1.0
+    cdef char tr = b'T', nn = b'N'
+    cdef double one = 1.0, mone = -1.0, zero = 0.0
     cdef double s, d
     cdef double* blk
     cdef double* v
@@ -392,13 +394,20 @@ cdef int _factor_body(
                     blk[a * k1 + a] += 1.0
                 if chol_small(blk, k1) != 0:
                     return -1
-                # ---- L21 panel: (Λr' A21_j) (T1 L11[j]^{-T}): the row operations in
-                # place, then each row times one k1×k1 matrix (contiguous inner loops)
-                for a in range(nr * k1):
-                    v[a] = A21[p0 * k1 + a]
-                lam_rows(v, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
+                # ---- L21 panel: Λr' (A21_j R), R = T1 L11[j]^{-T} (the row operations
+                # and the product with R commute)
                 right_factor(T1, blk, k1, rbuf, rbuf + k1 * k1)
-                rows_times(v, nr, k1, rbuf, rbuf + 2 * k1 * k1)
+                if nr * k1 * k1 >= PANEL_GEMM_MIN:
+                    # row-major V = A R is column-major V' = R' A': one dgemm, no copy
+                    n_i = <int>nr
+                    k_i = <int>k1
+                    dgemm(&nn, &nn, &k_i, &n_i, &k_i, &one, rbuf, &k_i,
+                          <double*>(A21 + p0 * k1), &k_i, &zero, v, &k_i)
+                else:
+                    for a in range(nr * k1):
+                        v[a] = A21[p0 * k1 + a]
+                    rows_times(v, nr, k1, rbuf, rbuf + 2 * k1 * k1)
+                lam_rows(v, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
             if j1 - j0 == 1 and tptr != NULL and (hflag == NULL or not hflag[j]):
                 xy_accumulate(v, nr, k1, rows + p0, nxy, wxy, wxy + nz * nxy)
             elif j1 - j0 == 1 and tptr == NULL and (hflag == NULL or not hflag[j]):
@@ -409,11 +418,11 @@ cdef int _factor_body(
             p0 = indptr[j0]
             nr = indptr[j0 + 1] - p0
             K = k1 * (j1 - j0)
-            for j in range(j0, j1):
-                v = L21 + indptr[j] * k1
-                for t in range(nr):
+            for t in range(nr):          # row t of every level's panel: contiguous writes
+                for j in range(j0, j1):
+                    v = L21 + (indptr[j] + t) * k1
                     for c in range(k1):
-                        wbuf[(j - j0) * k1 + c + t * K] = v[t * k1 + c]
+                        wbuf[(j - j0) * k1 + c + t * K] = v[c]
             if nr * nr * K <= SMALL_SYRK:     # tiny: plain loops beat BLAS's call overhead
                 r = rows[p0]
                 for t in range(nr):

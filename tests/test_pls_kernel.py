@@ -224,6 +224,24 @@ def test_blocked_pls_factor_and_objective(mt):
     assert model.objective(theta) == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.parametrize("lhs", ["1 + a*b*c", "1 + a*b", "1 + a"])
+def test_wide_panels_equal_dense_cholesky(lhs):
+    """A maximal crossed design (every subject meets every item): panels of 67-265 rows and
+    k1 = 2..8 columns, wide enough for the kernel's BLAS panel product."""
+    from lmmfast import simulate
+    from helpers import random_theta
+
+    df = simulate.kb07_like(seed=3, nsubj=32, nitem=32)[0].rename(
+        columns={"spkr": "a", "prec": "b", "load": "c"})
+    model = LinearMixedModel(f"y ~ 1 + a*b*c + ({lhs} | subj) + ({lhs} | item)", df)
+    k1 = model.terms[0].k
+    nr = int(np.diff(model.pls.xp.indptr).max())
+    assert nr * k1 * k1 >= 2048 or k1 == 2         # the BLAS path (k1 = 2: the loops)
+    for seed in range(3):
+        theta = random_theta(model, np.random.default_rng(seed))
+        check_factor((model, theta))
+
+
 # ------------------------------------------------------------------ the def's validation
 def _valid_args():
     rng = np.random.default_rng(0)
