@@ -46,9 +46,12 @@ class BlockedCrossprod:
         whole dense block instead of one scattered update each.  Default D / 8, where a
         scattered update of r² entries (memory bound) costs about what a dense column of
         a D² rank-k update does.
+    xy_gram : (p + 1, p + 1) array, optional
+        [X y]'[X y] when already formed (:func:`lmmfast.fixed.xy_gram`).
     """
 
-    def __init__(self, terms, X, y, theta_offsets, transposed=None, heavy_rows=None):
+    def __init__(self, terms, X, y, theta_offsets, transposed=None, heavy_rows=None,
+                 xy_gram=None):
         t1, rest = terms[0], terms[1:]
         n, p = X.shape
         self.m1, self.k1 = t1.nlevels, t1.k
@@ -74,7 +77,7 @@ class BlockedCrossprod:
             Xy = np.empty((n, p + 1), order="F")
             Xy[:, :p] = X
             Xy[:, p] = y
-            self.A22 = self._dense_block(rest, offs, Xy, nz, D)
+            self.A22 = self._dense_block(rest, offs, Xy, nz, D, xy_gram)
             self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, Xy, nz, D)
         self.batch = panel_batches(self.indptr, self.rows)
         nr = np.diff(self.indptr)
@@ -151,10 +154,11 @@ class BlockedCrossprod:
         return dense_crossprod(t1.codes, t1.nlevels, t1.X, R, V, D)
 
     @staticmethod
-    def _dense_block(rest, offs, Xy, nz, D):
-        """A22 = [Z_rest X y]'[Z_rest X y], block by block from level codes (no n×q matrix)."""
+    def _dense_block(rest, offs, Xy, nz, D, xy_gram=None):
+        """A22 = [Z_rest X y]'[Z_rest X y], block by block from level codes (no n×q matrix);
+        ``xy_gram``: its [X y]'[X y] corner when already formed (``fixed.xy_gram``)."""
         A22 = np.zeros((D, D))
-        A22[nz:, nz:] = Xy.T @ Xy
+        A22[nz:, nz:] = Xy.T @ Xy if xy_gram is None else xy_gram
         for i, (ti, oi) in enumerate(zip(rest, offs)):
             ki, mi = ti.k, ti.nlevels
             start = oi + np.arange(mi) * ki

@@ -14,7 +14,7 @@ import numpy as np
 from .bars import parse_formula
 from .blocks import BlockedCrossprod
 from .errors import DataError
-from .fixed import drop_aliased, fixed_matrix, model_frame, response
+from .fixed import drop_aliased, fixed_matrix, model_frame, response, xy_gram
 from .optsummary import minimize_bobyqa, minimize_lbfgs
 from .pls import BlockedPLS
 from .sparsepls import SparsePLS, cholmod_available
@@ -63,8 +63,13 @@ class LinearMixedModel:
         self.y = response(self.formula, frame)
         X, names, spec = fixed_matrix(self.formula, frame)
         self.fixed_spec = spec
-        self.X, self.xnames, self.dropped = drop_aliased(X, names)
+        G = xy_gram(X, self.y)
+        self.X, self.xnames, self.dropped = drop_aliased(X, names, XtX=G[:-1, :-1])
         self._xkeep = [names.index(nm) for nm in self.xnames]
+        if self.dropped:
+            keep = self._xkeep + [len(names)]
+            G = np.ascontiguousarray(G[np.ix_(keep, keep)])
+        self.xy_gram = G        # [X y]'[X y] of the kept columns
         terms = [ReTerm(b, frame) for b in self.formula.bars]
         n = len(self.y)
         check_term_sizes(terms, n)
@@ -85,7 +90,8 @@ class LinearMixedModel:
         if method == "cholmod":
             self.pls = SparsePLS(self.terms, self.X, self.y, offs)
         else:
-            self.pls = BlockedPLS(BlockedCrossprod(self.terms, self.X, self.y, offs))
+            self.pls = BlockedPLS(BlockedCrossprod(self.terms, self.X, self.y, offs,
+                                                   xy_gram=self.xy_gram))
         for t in self.terms:
             t.forget_pairs()
 
@@ -135,7 +141,7 @@ class LinearMixedModel:
     def _moments(self):
         """(moment start θ, relative first step of each element: NaN where not estimated)."""
         return moment_start(self.terms, self.theta_offsets, self.X, self.y, self.p,
-                            self.theta_start)
+                            self.theta_start, xy_gram=self.xy_gram)
 
     def fit(self, optimizer: str = "auto", start="auto", verbose: bool = False, callback=None,
             **control):

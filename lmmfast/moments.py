@@ -25,13 +25,15 @@ about what the evaluations it saves do (``LinearMixedModel.fit`` uses it from 1,
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg.blas import ddot, dgemv
 
+from .fixed import xy_gram as xy_gram_of
 from .remat import _tril_colmajor
 
 __all__ = ["moment_start", "LevelFit", "nested_pairs"]
 
 
-def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3):
+def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3, xy_gram=None):
     """The moment start.
 
     Parameters
@@ -44,6 +46,8 @@ def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3):
         Number of fixed effects.
     theta_start : array
         lme4's start, kept for terms the moments cannot estimate.
+    xy_gram : (p + 1, p + 1) array, optional
+        [X y]'[X y] when already formed (:func:`lmmfast.fixed.xy_gram`).
 
     Returns
     -------
@@ -53,11 +57,13 @@ def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3):
         a third of its standard error (0.25 / √(effective number of levels), at most 0.1);
         NaN where the moments did not estimate it.
     """
-    XtX = X.T @ X
-    beta = np.linalg.solve(XtX, X.T @ y) if XtX.size else np.zeros(0)
-    r = y - X @ beta
+    G = xy_gram_of(X, y) if xy_gram is None else xy_gram
+    beta = np.linalg.solve(G[:p, :p], G[:p, p]) if p else np.zeros(0)
+    # n-long products by scipy's BLAS, the kernel's (see fixed.xy_gram: numpy's threads
+    # would spin against it through the first evaluations)
+    r = dgemv(-1.0, X.T, beta, 1.0, y, trans=1) if p else np.array(y, dtype=float)
     n = len(r)
-    var0 = float(r @ r) / max(n - p, 1)          # the OLS residual variance
+    var0 = ddot(r, r) / max(n - p, 1)            # the OLS residual variance
     th = np.array(theta_start, dtype=float)
     step = np.full(len(th), np.nan)
     fits = [LevelFit(t) for t in terms]
@@ -82,7 +88,7 @@ def moment_start(terms, offsets, X, y, p: int, theta_start, sweeps: int = 3):
         # B's effects carry the count-weighted mean of A's: var Σ n_a² / n_B² · σ_A²
         b.inner = (a, np.bincount(bj, weights=a.cnt ** 2, minlength=b.t.nlevels) / nb ** 2)
     dof = n - p - sum(f.nfree for f in use)
-    s2 = float(r @ r) / max(dof, 1)
+    s2 = ddot(r, r) / max(dof, 1)
     if not s2 > 1e-10 * var0:
         # the terms fit the response exactly (a response constant within levels): no
         # residual variance to scale by, lme4's start

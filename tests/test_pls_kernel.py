@@ -183,11 +183,16 @@ def test_small_and_term_by_term_cross_products_agree(mt):
     blocks.SMALL_COUPLING = -1
     try:
         general = BlockedCrossprod(*args)
+        # the model's [X y]'[X y] (scipy's BLAS) in place of the path's own X/y product
+        given_gram = BlockedCrossprod(*args, xy_gram=model.xy_gram)
     finally:
         blocks.SMALL_COUPLING = old
-    for name in ["A11", "A22", "indptr", "rows", "A21", "batch", "heavy"]:
-        np.testing.assert_allclose(getattr(small, name), getattr(general, name),
-                                   rtol=1e-12, atol=1e-12, err_msg=name)
+    for other in (general, given_gram):
+        for name in ["A11", "A22", "indptr", "rows", "A21", "batch", "heavy"]:
+            np.testing.assert_allclose(getattr(small, name), getattr(other, name),
+                                       rtol=1e-12, atol=1e-12, err_msg=name)
+    Xy = np.column_stack([model.X, model.y])
+    np.testing.assert_allclose(model.xy_gram, Xy.T @ Xy, rtol=1e-12, atol=1e-12)
 
 
 @HSETTINGS
