@@ -10,8 +10,8 @@ of ``_pls``, together with the coupling part of the later terms' derivatives.
 import numpy as np
 cimport numpy as cnp
 from scipy.linalg.cython_lapack cimport dpotri
-from scipy.linalg.cython_blas cimport dgemm
-from lmmfast._dense cimport BLAS_MIN, GATHER_MAX, cols_mul, lam_rows, max_panel
+from scipy.linalg.cython_blas cimport dgemm, dtrmm
+from lmmfast._dense cimport BLAS_MIN, GATHER_MAX, cols_mul, dot4, lam_rows, max_panel
 
 cnp.import_array()
 
@@ -26,8 +26,9 @@ cdef int grad_block1_core(
     cdef Py_ssize_t j, t, u, a, b, c, p0, nr, r, kk
     cdef double s
     cdef int n_i, k_i, ld_i
-    cdef char nn = b'N'
-    cdef double one = 1.0, zero = 0.0
+    cdef char nn = b'N', tt = b'T', sl = b'L', su = b'U'
+    cdef double one = 1.0, zero = 0.0, mone = -1.0
+    cdef bint blas
     cdef double* P = work                       # nr × k1 : Minv22[rows,rows] V, then Minv21_j
     cdef double* AR = work + Dp * k1            # nr × k1 : Λr' A21_j (scaled rows)
     cdef double* AT = work + 2 * Dp * k1        # nr × k1 : A21_j T1
@@ -79,13 +80,21 @@ cdef int grad_block1_core(
                     for u in range(nr):
                         s += Minv[rows[p0 + t] * Dp + rows[p0 + u]] * V[u * k1 + c]
                     P[t * k1 + c] = s
-        # H = I + V'P
-        for a in range(k1):
-            for b in range(k1):
-                s = 1.0 if a == b else 0.0
-                for t in range(nr):
-                    s += V[t * k1 + a] * P[t * k1 + b]
-                H[a * k1 + b] = s
+        blas = nr * k1 >= BLAS_MIN     # wide panels: the nr-long products by BLAS
+        # H = I + V'P  (symmetric; row-major H is column-major (V'P)' = P'V)
+        if blas:
+            n_i = <int>nr
+            k_i = <int>k1
+            dgemm(&nn, &tt, &k_i, &k_i, &n_i, &one, P, &k_i, <double*>V, &k_i, &zero, H, &k_i)
+            for a in range(k1):
+                H[a * k1 + a] += 1.0
+        else:
+            for a in range(k1):
+                for b in range(k1):
+                    s = 1.0 if a == b else 0.0
+                    for t in range(nr):
+                        s += V[t * k1 + a] * P[t * k1 + b]
+                    H[a * k1 + b] = s
         # M11 = Li' H Li
         for a in range(k1):
             for b in range(k1):
@@ -94,15 +103,6 @@ cdef int grad_block1_core(
                     for u in range(k1):
                         s += Li[c * k1 + a] * H[c * k1 + u] * Li[u * k1 + b]
                 M11[a * k1 + b] = s
-        # Minv21_j = -P Li  (overwrite P row by row)
-        for t in range(nr):
-            for c in range(k1):
-                s = 0.0
-                for u in range(c, k1):
-                    s += P[t * k1 + u] * Li[u * k1 + c]
-                H[c] = -s
-            for c in range(k1):
-                P[t * k1 + c] = H[c]
         # TA = T1' A11_j
         for a in range(k1):
             for b in range(k1):
@@ -115,15 +115,36 @@ cdef int grad_block1_core(
             AR[t] = A[t]
             AT[t] = A[t]
         lam_rows(AR, nr, k1, rows + p0, rscale, rk, rtoff, Tflat)
-        cols_mul(AT, k1, nr, T1, k1)
-        # G1[b, a] += (M11 TA)[b, a] + (Minv21' AR)[b, a]
+        if blas:
+            # Minv21_j = -P Li and AT = A T1 in place: row-major X L for lower L is
+            # column-major L' X', L' upper (dtrmm)
+            dtrmm(&sl, &su, &nn, &nn, &k_i, &n_i, &mone, Li, &k_i, P, &k_i)
+            dtrmm(&sl, &su, &nn, &nn, &k_i, &n_i, &one, <double*>T1, &k_i, AT, &k_i)
+            # G1[b, a] += (Minv21' AR)[b, a]: column-major G1' += AR' Minv21
+            dgemm(&nn, &tt, &k_i, &k_i, &n_i, &one, AR, &k_i, P, &k_i, &one, G1, &k_i)
+        else:
+            # Minv21_j = -P Li  (overwrite P row by row)
+            for t in range(nr):
+                for c in range(k1):
+                    s = 0.0
+                    for u in range(c, k1):
+                        s += P[t * k1 + u] * Li[u * k1 + c]
+                    H[c] = -s
+                for c in range(k1):
+                    P[t * k1 + c] = H[c]
+            cols_mul(AT, k1, nr, T1, k1)
+            for b in range(k1):
+                for a in range(k1):
+                    s = 0.0
+                    for t in range(nr):
+                        s += P[t * k1 + b] * AR[t * k1 + a]
+                    G1[b * k1 + a] += s
+        # G1[b, a] += (M11 TA)[b, a]
         for b in range(k1):
             for a in range(k1):
                 s = 0.0
                 for c in range(k1):
                     s += M11[b * k1 + c] * TA[c * k1 + a]
-                for t in range(nr):
-                    s += P[t * k1 + b] * AR[t * k1 + a]
                 G1[b * k1 + a] += s
         # coupling part of the rest terms' gradient
         for t in range(nr):
@@ -135,10 +156,7 @@ cdef int grad_block1_core(
                 continue
             for a in range(kk):
                 for b in range(kk):
-                    s = 0.0
-                    for c in range(k1):
-                        s += P[(t + b) * k1 + c] * AT[(t + a) * k1 + c]
-                    out2[(r + a) * kmax + b] += s
+                    out2[(r + a) * kmax + b] += dot4(P + (t + b) * k1, AT + (t + a) * k1, k1)
     return 0
 
 
