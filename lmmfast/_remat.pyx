@@ -6,7 +6,8 @@ the cross-products of small models in one pass (:func:`dense_crossprod`).
 factors, computed in O(n + ma + mb) time: rows are bucketed by ``a`` (a counting sort),
 and within each level of ``a`` the distinct levels of ``b`` are marked in an array of
 size ``mb`` and sorted (each level holds only a few).  Its numpy oracle is
-:func:`pair_codes_reference`.
+:func:`pair_codes_reference`.  ``level_xy_sums`` gives a term's per-level [X y]'Z (the
+X and y rows of the coupling block) in one pass; oracle :func:`level_xy_sums_reference`.
 """
 import numpy as np
 cimport numpy as cnp
@@ -244,6 +245,82 @@ def dense_crossprod_reference(codes1, m1, Z1, R, V, D):
     indptr = np.concatenate([[0], np.cumsum([len(pat) for pat in pats])]).astype(np.int64)
     return (A11, W.T @ W, indptr, np.concatenate(pats).astype(np.int64),
             np.concatenate(panels).reshape(-1, k1))
+
+
+cdef void level_xy_sums_core(const cnp.int64_t* codes, Py_ssize_t n, const double* Z,
+                             Py_ssize_t k, const double* X, Py_ssize_t p, const double* y,
+                             double* out) noexcept nogil:
+    cdef Py_ssize_t i, c, b, w = (p + 1) * k
+    cdef double* o
+    cdef const double* x
+    cdef const double* z
+    cdef double yi
+    for i in range(n):
+        o = out + codes[i] * w
+        x = X + i * p
+        yi = y[i]
+        if Z == NULL:
+            for c in range(p):
+                o[c] += x[c]
+            o[p] += yi
+        else:
+            z = Z + i * k
+            for c in range(p):
+                for b in range(k):
+                    o[c * k + b] += x[c] * z[b]
+            for b in range(k):
+                o[p * k + b] += yi * z[b]
+
+
+def level_xy_sums(const cnp.int64_t[::1] codes, Py_ssize_t m, Z, const double[:, ::1] X,
+                  const double[::1] y):
+    """Per level j of a term, [X y]'Z over its rows: ``out[j, c, b] = Σ_{i: codes[i] = j}
+    [X y][i, c] Z[i, b]`` as an (m, p + 1, k) array, in one pass over the rows (one
+    ``np.bincount`` per column and Z column would be (p + 1) k passes).
+
+    Parameters
+    ----------
+    codes : (n,) int64 array, levels in [0, m)
+    Z : (n, k) C-contiguous float array, or None for one column of ones (an intercept)
+    X : (n, p) C-contiguous float array
+    y : (n,) float array
+    """
+    cdef Py_ssize_t n = codes.shape[0], p = X.shape[1], k = 1, i
+    cdef const double[:, ::1] Zv
+    if X.shape[0] != n or y.shape[0] != n:
+        raise ValueError("codes, X and y must have the same number of rows")
+    if Z is not None:
+        Zv = Z
+        k = Zv.shape[1]
+        if Zv.shape[0] != n:
+            raise ValueError("Z must have one row per code")
+    cdef bint bad = False
+    with nogil:
+        for i in range(n):
+            if codes[i] < 0 or codes[i] >= m:
+                bad = True
+                break
+    if bad:
+        raise ValueError("codes must lie in [0, m)")
+    out = np.zeros((m, p + 1, k))
+    cdef double[:, :, ::1] ov = out
+    if n == 0 or m == 0:
+        return out
+    with nogil:
+        level_xy_sums_core(&codes[0], n, &Zv[0, 0] if Z is not None else NULL, k,
+                           &X[0, 0] if p > 0 else NULL, p, &y[0], &ov[0, 0, 0])
+    return out
+
+
+def level_xy_sums_reference(codes, m, Z, X, y):
+    """numpy oracle of :func:`level_xy_sums` (one bincount per column pair)."""
+    Xy = np.column_stack([X, y])
+    Z = np.ones((len(codes), 1)) if Z is None else np.asarray(Z)
+    out = np.zeros((m, Xy.shape[1], Z.shape[1]))
+    for c in range(Xy.shape[1]):
+        for b in range(Z.shape[1]):
+            out[:, c, b] = np.bincount(codes, weights=Xy[:, c] * Z[:, b], minlength=m)
+    return out
 
 
 def panel_batches(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows):

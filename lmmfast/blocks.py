@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _pls
-from ._remat import dense_crossprod, panel_batches
+from ._remat import dense_crossprod, level_xy_sums, panel_batches
+from .fixed import xy_gram as xy_gram_of
 from .remat import weighted_counts
 
 # Models whose coupling [Z_rest X y]'Z1 fits in SMALL_COUPLING doubles held densely, and
@@ -73,12 +74,10 @@ class BlockedCrossprod:
         else:
             # ---- block 1: Z1'Z1, one k1×k1 block per level
             self.A11 = t1.level_gram()
-            # [X y] column-major: each column is one contiguous vector for bincount's weights
-            Xy = np.empty((n, p + 1), order="F")
-            Xy[:, :p] = X
-            Xy[:, p] = y
-            self.A22 = self._dense_block(rest, offs, Xy, nz, D, xy_gram)
-            self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, Xy, nz, D)
+            X = np.ascontiguousarray(X, dtype=np.float64)
+            y = np.ascontiguousarray(y, dtype=np.float64)
+            self.A22 = self._dense_block(rest, offs, X, y, nz, D, xy_gram)
+            self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, X, y, nz, D)
         self.batch = panel_batches(self.indptr, self.rows)
         nr = np.diff(self.indptr)
         single = np.zeros(self.m1, dtype=bool)
@@ -154,11 +153,11 @@ class BlockedCrossprod:
         return dense_crossprod(t1.codes, t1.nlevels, t1.X, R, V, D)
 
     @staticmethod
-    def _dense_block(rest, offs, Xy, nz, D, xy_gram=None):
+    def _dense_block(rest, offs, X, y, nz, D, xy_gram=None):
         """A22 = [Z_rest X y]'[Z_rest X y], block by block from level codes (no n×q matrix);
         ``xy_gram``: its [X y]'[X y] corner when already formed (``fixed.xy_gram``)."""
         A22 = np.zeros((D, D))
-        A22[nz:, nz:] = Xy.T @ Xy if xy_gram is None else xy_gram
+        A22[nz:, nz:] = xy_gram_of(X, y) if xy_gram is None else xy_gram
         for i, (ti, oi) in enumerate(zip(rest, offs)):
             ki, mi = ti.k, ti.nlevels
             start = oi + np.arange(mi) * ki
@@ -166,9 +165,9 @@ class BlockedCrossprod:
                 for b in range(a + 1):
                     A22[start + a, start + b] = weighted_counts(ti.codes, mi, ti.column(a),
                                                                 ti.column(b))
-            for a in range(ki):                       # [X y]'Z_i
-                for c in range(Xy.shape[1]):
-                    A22[nz + c, start + a] = weighted_counts(ti.codes, mi, ti.column(a), Xy[:, c])
+            S = level_xy_sums(ti.codes, mi, _z(ti), X, y)    # [X y]'Z_i: (mi, p + 1, ki)
+            for a in range(ki):
+                A22[nz:, start + a] = S[:, :, a].T
             for tl, ol in zip(rest[i + 1:], offs[i + 1:]):   # Z_l'Z_i, later terms l
                 li, ll, inv = ti.pairs(tl)
                 for a in range(ki):
@@ -179,34 +178,54 @@ class BlockedCrossprod:
         return A22
 
     @staticmethod
-    def _coupling(t1, rest, offs, Xy, nz, D):
+    def _coupling(t1, rest, offs, X, y, nz, D):
         """A21 = [Z_rest X y]'Z1 block-sparse: (indptr, rows, panels), rows ascending per level.
 
         Level j of term 1 touches every row of each level of term i that shares an
-        observation with it (all k_i of them), and every X and y row."""
+        observation with it (all k_i of them), and every X and y row.  Each source (a term's
+        level pairs, sorted by level of term 1 and then of term i; the X/y rows) comes
+        sorted by level, and within a level the sources' rows follow each other in order
+        (later terms, then X and y, sit further down the dense block), so every entry's
+        place follows from per-level counts: no sort of the entries."""
         m1, k1 = t1.nlevels, t1.k
-        keys, vals = [], []
+        lev, rws, vals = [], [], []
         for ti, oi in zip(rest, offs):
-            j, lev, inv = t1.pairs(ti)
-            for a in range(ti.k):
-                keys.append(j * D + oi + lev * ti.k + a)
-                vals.append(np.column_stack([
-                    weighted_counts(inv, len(j), ti.column(a), t1.column(c)) for c in range(k1)]))
-        for c in range(Xy.shape[1]):
-            keys.append(np.arange(m1, dtype=np.int64) * D + nz + c)
-            vals.append(np.column_stack([
-                weighted_counts(t1.codes, m1, Xy[:, c], t1.column(b)) for b in range(k1)]))
-        keys = np.concatenate(keys)
-        order = np.argsort(keys, kind="stable")
-        A21 = np.ascontiguousarray(np.concatenate(vals)[order])
-        j, rows = np.divmod(keys[order], D)
+            j, li, inv = t1.pairs(ti)                  # sorted by (j, li)
+            k = ti.k
+            cols = [np.column_stack([weighted_counts(inv, len(j), ti.column(a), t1.column(c))
+                                     for c in range(k1)]) for a in range(k)]
+            lev.append(np.repeat(j, k))                # pair-major, then the term's columns
+            rws.append((oi + li[:, None] * k + np.arange(k)).ravel())
+            vals.append(np.stack(cols, axis=1).reshape(-1, k1))
+        nxy = X.shape[1] + 1
+        W = level_xy_sums(t1.codes, m1, _z(t1), X, y)          # (m1, p + 1, k1)
+        lev.append(np.repeat(np.arange(m1, dtype=np.int64), nxy))
+        rws.append(np.tile(nz + np.arange(nxy, dtype=np.int64), m1))
+        vals.append(W.reshape(-1, k1))
+        counts = np.array([np.bincount(lv, minlength=m1) for lv in lev])   # sources × m1
         indptr = np.zeros(m1 + 1, dtype=np.int64)
-        np.cumsum(np.bincount(j, minlength=m1), out=indptr[1:])
-        return indptr, np.ascontiguousarray(rows, dtype=np.int64), A21
+        np.cumsum(counts.sum(axis=0), out=indptr[1:])
+        nnz = int(indptr[-1])
+        rows = np.empty(nnz, dtype=np.int64)
+        A21 = np.empty((nnz, k1))
+        before = indptr[:-1].copy()                    # where the source's run of level j starts
+        for lv, rw, vl, cnt in zip(lev, rws, vals, counts):
+            first = np.zeros(m1 + 1, dtype=np.int64)   # where level j starts in this source
+            np.cumsum(cnt, out=first[1:])
+            pos = before[lv] + (np.arange(len(lv), dtype=np.int64) - first[lv])
+            rows[pos] = rw
+            A21[pos] = vl
+            before += cnt
+        return indptr, rows, A21
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.A11, self.A21, self.A22, self.rows, self.indptr))
+
+
+def _z(t):
+    """A term's model matrix for :func:`level_xy_sums`: None for a lone intercept."""
+    return None if t.k == 1 and t.column(0) is None else np.ascontiguousarray(t.X, dtype=np.float64)
 
 
 def panel_batches_reference(indptr, rows):

@@ -109,3 +109,29 @@ def test_panel_batches_match_numpy(m, D, seed):
 def test_panel_batches_rejects_bad_pointers():
     with pytest.raises(ValueError, match="indptr"):
         _remat.panel_batches(np.array([0, 3, 2], dtype=np.int64), np.arange(2, dtype=np.int64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 200), st.integers(1, 15), st.integers(0, 4), st.integers(0, 3),
+       st.integers(0, 2**31 - 1))
+def test_level_xy_sums_match_bincounts(n, m, p, k, seed):
+    """k = 0 stands for Z = None (a lone intercept)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, m, n)
+    X = rng.normal(size=(n, p))
+    y = rng.normal(size=n)
+    Z = None if k == 0 else rng.normal(size=(n, k))
+    np.testing.assert_allclose(_remat.level_xy_sums(codes, m, Z, X, y),
+                               _remat.level_xy_sums_reference(codes, m, Z, X, y),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_level_xy_sums_rejects_bad_input():
+    codes = np.array([0, 1, 2], dtype=np.int64)
+    X, y = np.ones((3, 2)), np.ones(3)
+    with pytest.raises(ValueError, match="codes"):
+        _remat.level_xy_sums(codes, 2, None, X, y)
+    with pytest.raises(ValueError, match="rows"):
+        _remat.level_xy_sums(codes, 3, None, X[:2], y)
+    with pytest.raises(ValueError, match="Z"):
+        _remat.level_xy_sums(codes, 3, np.ones((2, 1)), X, y)
