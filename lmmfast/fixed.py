@@ -310,13 +310,16 @@ def xy_gram(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     call, and a threaded call into the other library meanwhile runs against them (on two
     cores, 73k × 28 took up to 0.1 s instead of 5 ms right after a factorization)."""
     n, p = X.shape
+    if n * (p + 1) ** 2 <= 2 ** 18:            # below OpenBLAS's threading: numpy is quicker
+        Xy = np.empty((n, p + 1))
+        Xy[:, :p] = X
+        Xy[:, p] = y
+        return Xy.T @ Xy
     G = np.empty((p + 1, p + 1))
     Xt = X.T if X.flags.c_contiguous else np.ascontiguousarray(X).T   # X' column-major: no copy
     if p:
-        XtX = dsyrk(1.0, Xt, lower=1)
-        iu = np.triu_indices(p, 1)
-        XtX[iu] = XtX.T[iu]
-        G[:p, :p] = XtX
+        XtX = dsyrk(1.0, Xt, lower=1)          # lower triangle; the upper one is 0
+        G[:p, :p] = XtX + np.tril(XtX, -1).T if p > 1 else XtX
         G[:p, p] = G[p, :p] = dgemv(1.0, Xt, y)
     G[p, p] = ddot(y, y)
     return G
