@@ -73,6 +73,21 @@ cdef inline int chol_small(double* a, Py_ssize_t k) noexcept nogil:
     return info
 
 
+cdef inline void lower_inverse(const double* L, Py_ssize_t k, double* Li) noexcept nogil:
+    """Li <- L^{-1} for lower-triangular row-major k×k L (row by row; Li's upper part 0)."""
+    cdef Py_ssize_t a, b, c
+    cdef double s
+    for a in range(k):
+        for b in range(k):
+            Li[a * k + b] = 0.0
+        Li[a * k + a] = 1.0 / L[a * k + a]
+        for b in range(a):
+            s = 0.0
+            for c in range(b, a):
+                s += L[a * k + c] * Li[c * k + b]
+            Li[a * k + b] = -s / L[a * k + a]
+
+
 cdef inline void rows_tmul(double* m, Py_ssize_t ld, Py_ssize_t ncol, const double* T,
                            Py_ssize_t k) noexcept nogil:
     """M[0:k, 0:ncol] <- T' M[0:k, 0:ncol] for lower-triangular T (row-major k×k), in place:

@@ -11,7 +11,8 @@ import numpy as np
 cimport numpy as cnp
 from scipy.linalg.cython_lapack cimport dpotri
 from scipy.linalg.cython_blas cimport dgemm, dtrmm
-from lmmfast._dense cimport BLAS_MIN, GATHER_MAX, cols_mul, dot4, lam_rows, max_panel
+from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, cols_mul, dot4, lam_rows,
+                             lower_inverse, max_panel)
 
 cnp.import_array()
 
@@ -47,16 +48,7 @@ cdef int grad_block1_core(
         L = L11 + j * k1 * k1
         V = L21 + p0 * k1
         A = A21 + p0 * k1
-        # Li = L^{-1} (lower)
-        for a in range(k1):
-            for b in range(k1):
-                Li[a * k1 + b] = 0.0
-            Li[a * k1 + a] = 1.0 / L[a * k1 + a]
-            for b in range(a):
-                s = 0.0
-                for c in range(b, a):
-                    s += L[a * k1 + c] * Li[c * k1 + b]
-                Li[a * k1 + b] = -s / L[a * k1 + a]
+        lower_inverse(L, k1, Li)
         # P = Minv22[rows, rows] V
         if nr * k1 >= BLAS_MIN and rows[p0 + nr - 1] - rows[p0] == nr - 1:
             n_i = <int>nr
@@ -133,18 +125,15 @@ cdef int grad_block1_core(
                 for c in range(k1):
                     P[t * k1 + c] = H[c]
             cols_mul(AT, k1, nr, T1, k1)
-            for b in range(k1):
-                for a in range(k1):
-                    s = 0.0
-                    for t in range(nr):
-                        s += P[t * k1 + b] * AR[t * k1 + a]
-                    G1[b * k1 + a] += s
-        # G1[b, a] += (M11 TA)[b, a]
+        # G1[b, a] += (M11 TA)[b, a] (+ (Minv21' AR)[b, a] where BLAS did not add it)
         for b in range(k1):
             for a in range(k1):
                 s = 0.0
                 for c in range(k1):
                     s += M11[b * k1 + c] * TA[c * k1 + a]
+                if not blas:
+                    for t in range(nr):
+                        s += P[t * k1 + b] * AR[t * k1 + a]
                 G1[b * k1 + a] += s
         # coupling part of the rest terms' gradient
         for t in range(nr):

@@ -31,9 +31,8 @@ from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_lapack cimport dpotrf
 from scipy.linalg.cython_blas cimport dgemm, dsyrk, dtrsv
 from cpython.pycapsule cimport PyCapsule_New
-from libc.stdlib cimport malloc, free
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
-                             lam_rows, max_panel, rows_tmul)
+                             lam_rows, lower_inverse, max_panel, rows_tmul)
 
 cnp.import_array()
 
@@ -117,15 +116,7 @@ cdef void right_factor(const double* T, const double* L, Py_ssize_t k, double* R
     """R <- T L^{-T} for lower-triangular row-major k×k T and L (Li: L^{-1} scratch)."""
     cdef Py_ssize_t a, b, c
     cdef double s
-    for a in range(k):                      # Li = L^{-1}, lower, row by row
-        for b in range(k):
-            Li[a * k + b] = 0.0
-        Li[a * k + a] = 1.0 / L[a * k + a]
-        for b in range(a):
-            s = 0.0
-            for c in range(b, a):
-                s += L[a * k + c] * Li[c * k + b]
-            Li[a * k + b] = -s / L[a * k + a]
+    lower_inverse(L, k, Li)
     for a in range(k):                      # R[a, b] = Σ_{c <= min(a, b)} T[a, c] Li[b, c]
         for b in range(k):
             s = 0.0
@@ -297,35 +288,13 @@ cdef int update_blocked_core(
         double* L11, double* L21, double* L22, double* buf, double* wbuf,
         const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tstart,
         const cnp.int32_t* rows32, double* acc, double* wxy, const cnp.int64_t* heavy, Py_ssize_t nheavy,
-        const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads) noexcept nogil:
+        const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads,
+        double* rbuf) noexcept nogil:
     """One factorization (see :func:`update_blocked`).  With the transposed pattern
     (``tptr``), ``tstart`` is where each entry's panel starts (``indptr[tlev]``),
     ``rows32`` is ``rows`` as int32 and ``wxy`` holds (D - nz) × D scratch doubles for the
-    X/y rows' downdate.  -2 when scratch memory cannot be had."""
-    cdef double* rbuf = NULL
-    cdef int info
-    if k1 > 1:        # a level's T1 L11^{-T} and L11^{-1}, and one panel row
-        rbuf = <double*>malloc((2 * k1 * k1 + k1) * sizeof(double))
-        if rbuf == NULL:
-            return -2
-    info = _factor_body(A11, m1, k1, T1, indptr, rows, A21, A22, D, nz, rscale, rk, rtoff,
-                        Tflat, batch, nbatch, L11, L21, L22, buf, wbuf, tptr, tidx, tstart,
-                        rows32, acc, wxy, heavy, nheavy, hflag, hbuf, hchunk, nthreads, rbuf)
-    free(rbuf)
-    return info
-
-
-cdef int _factor_body(
-        const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
-        const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
-        const double* A22, Py_ssize_t D, Py_ssize_t nz,
-        const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
-        const double* Tflat, const cnp.int64_t* batch, Py_ssize_t nbatch,
-        double* L11, double* L21, double* L22, double* buf, double* wbuf,
-        const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tstart,
-        const cnp.int32_t* rows32, double* acc, double* wxy, const cnp.int64_t* heavy, Py_ssize_t nheavy,
-        const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads,
-        double* rbuf) noexcept nogil:
+    X/y rows' downdate; ``rbuf`` holds 2 k1² + k1 scratch doubles (a level's T1 L11^{-T}
+    and L11^{-1}, and one panel row)."""
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
     cdef Py_ssize_t nxy = D - nz
     cdef int k_i, ld_i
@@ -579,6 +548,8 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
         return 0
     wb = np.empty(wmax)
     cdef double[::1] wbv = wb
+    rb = np.empty(2 * k1 * k1 + k1)
+    cdef double[::1] rbv = rb
     cdef const char[::1] hfv = hflag_arr
     cdef double[::1] hbv = hb
     cdef Py_ssize_t nheavy = heavy.shape[0] if heavy is not None else 0
@@ -591,7 +562,7 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                                    &bufv[0] if nrmax * k1 >= BLAS_MIN else NULL, &wbv[0],
                                    NULL, NULL, NULL, NULL, NULL, NULL,
                                    &heavy[0] if nheavy > 0 else NULL, nheavy,
-                                   &hfv[0] if nheavy > 0 else NULL, &hbv[0], hch, 1)
+                                   &hfv[0] if nheavy > 0 else NULL, &hbv[0], hch, 1, &rbv[0])
     return info
 
 
@@ -700,7 +671,7 @@ cdef class BlockedFactor:
     cdef readonly object L11, L21, L22, T1, rscale, Tflat, theta
     cdef readonly int nthreads, last_nthreads
     cdef bint fixed_threads
-    cdef object xp, buf, wbuf
+    cdef object xp, buf, wbuf, rbuf
     cdef const double[:, :, ::1] A11
     cdef const double[:, ::1] A21, A22
     cdef const cnp.int64_t[::1] indptr, rows, rk, rtoff, batch, rs_index, t1_index, tflat_index
@@ -713,7 +684,7 @@ cdef class BlockedFactor:
     cdef bint transposed
     cdef double[:, :, ::1] L11v
     cdef double[:, ::1] L21v, L22v, T1v
-    cdef double[::1] rsv, tfv, bufv, wbufv, thv
+    cdef double[::1] rsv, tfv, bufv, wbufv, rbufv, thv
     cdef Py_ssize_t m1, k1, D, nz, nbatch, n, p, nheavy, hchunk, max_theta_index
     cdef bint use_buf
     cdef object heavy_arr, hflag_arr, hbuf
@@ -760,7 +731,8 @@ cdef class BlockedFactor:
                 wmax = max(wmax, (xp.indptr[xp.batch[bi] + 1] - xp.indptr[xp.batch[bi]])
                            * self.k1 * (xp.batch[bi + 1] - xp.batch[bi]))
         self.wbuf = np.empty(wmax)
-        self.bufv, self.wbufv = self.buf, self.wbuf
+        self.rbuf = np.empty(2 * self.k1 * self.k1 + self.k1)
+        self.bufv, self.wbufv, self.rbufv = self.buf, self.wbuf, self.rbuf
         self.transposed = xp.tptr is not None
         self.nthreads = 1
         if self.transposed:
@@ -849,7 +821,7 @@ cdef class BlockedFactor:
             &self.rows32[0] if self.transposed else NULL, &self.accv[0], &self.wxyv[0],
             &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
             &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
-            nthreads)
+            nthreads, &self.rbufv[0])
 
     cdef void _pieces(self, double* ldz, double* ldx, double* r2) noexcept nogil:
         logdets_core(self.L11v, self.L22v, self.nz, ldz, ldx, r2)
