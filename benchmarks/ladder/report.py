@@ -313,11 +313,11 @@ def format_notes(records: list, cores: int) -> list:
                         f"floor = Cholesky {r['floor_chol_ms']:.3g} ms + copy of A22 "
                         f"({r['A22_mb']:.3g} MB) and A21 ({r['A21_mb']:.3g} MB) "
                         f"{r['floor_copy_ms']:.3g} ms")
+        elif r.get("tool") == "lmmfast" and "method" in r:
+            what.append(f"method {r['method']}, {r['ntheta']} θ (no floor: not blocked)")
         if r.get("tool") == "lmmfast" and "eval_grad_ms" in r:
             what.append(f"objective with its gradient at θ̂ (L-BFGS-B's evaluation): "
                         f"{r['eval_grad_ms']:.3g} ms")
-        elif r.get("tool") == "lmmfast" and "method" in r:
-            what.append(f"method {r['method']}, {r['ntheta']} θ (no floor: not blocked)")
         if "reason" in r:
             what.append(r["reason"])
         notes.extend(f"note [{r['number']} {r['rung']} / {r['tool']}]: {msg}" for msg in what)
