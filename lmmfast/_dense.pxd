@@ -1,10 +1,12 @@
 # cython: language_level=3
-"""Small dense kernels shared by the factorization (``_pls``) and its gradient
-(``_gradient``): row-major blocks of a few rows, plain loops (BLAS and LAPACK calls cost
-more than the arithmetic at these sizes).  Inline, so each module compiles its own copy.
+"""Dense kernels of the factorization (``_pls``) and its gradient (``_gradient``): small
+row-major blocks by plain loops (BLAS and LAPACK calls cost more than the arithmetic at
+these sizes), Λ's transforms of the dense block and of the panels, and one level's
+downdate of the dense block.  Inline, so each module compiles its own copy.
 """
 cimport numpy as cnp
 from libc.math cimport sqrt
+from scipy.linalg.cython_blas cimport dsyrk
 
 cdef enum:
     # Panels with more entries than this use BLAS (dsyrk / dgemm) on a gathered buffer.
@@ -133,3 +135,108 @@ cdef inline void lam_rows(double* v, Py_ssize_t nr, Py_ssize_t k1, const cnp.int
                 v[t * k1 + c] *= s
         elif kk > 1:
             rows_tmul(v + t * k1, k1, k1, Tflat + rtoff[r], kk)
+
+
+cdef inline void lam_dense_groups(const double* A, double* L, Py_ssize_t D,
+                                  const double* rscale, const cnp.int64_t* rk,
+                                  const cnp.int64_t* rtoff, const double* Tflat) noexcept nogil:
+    """L <- Λ' A Λ on the lower block triangle, unit by unit.
+
+    The rows of the dense block fall into units: a scalar row (``rk == 1``, scaled by
+    ``rscale``) or a k-row group (``rk == k`` at its first row, transformed by its T).
+    Block (R, C) of the result, C <= R, is U_R' A[R, C] U_C: one pass over the lower
+    triangle in row order (a transform of whole columns per group would stride through
+    all D rows once per group)."""
+    cdef Py_ssize_t r0 = 0, c0, kr, kc, a, b
+    cdef double sr
+    cdef double* blk
+    while r0 < D:
+        kr = rk[r0]
+        c0 = 0
+        while c0 <= r0:
+            kc = rk[c0]
+            blk = L + r0 * D + c0
+            for a in range(kr):
+                for b in range(kc):
+                    blk[a * D + b] = A[(r0 + a) * D + c0 + b]
+            if kr == 1:
+                sr = rscale[r0]
+                for b in range(kc):
+                    blk[b] *= sr
+            else:
+                rows_tmul(blk, D, kc, Tflat + rtoff[r0], kr)
+            if kc == 1:
+                sr = rscale[c0]
+                for a in range(kr):
+                    blk[a * D] *= sr
+            else:
+                cols_mul(blk, D, kr, Tflat + rtoff[c0], kc)
+            c0 += kc
+        r0 += kr
+
+
+cdef inline void right_factor(const double* T, const double* L, Py_ssize_t k, double* R,
+                              double* Li) noexcept nogil:
+    """R <- T L^{-T} for lower-triangular row-major k×k T and L (Li: L^{-1} scratch)."""
+    cdef Py_ssize_t a, b, c
+    cdef double s
+    lower_inverse(L, k, Li)
+    for a in range(k):                      # R[a, b] = Σ_{c <= min(a, b)} T[a, c] Li[b, c]
+        for b in range(k):
+            s = 0.0
+            for c in range(min(a, b) + 1):
+                s += T[a * k + c] * Li[b * k + c]
+            R[a * k + b] = s
+
+
+cdef inline void rows_times(double* v, Py_ssize_t nr, Py_ssize_t k, const double* R,
+                            double* tmp) noexcept nogil:
+    """Each row of the row-major nr×k V <- row · R (R row-major k×k; tmp: k scratch)."""
+    cdef Py_ssize_t t, a, b
+    cdef double x
+    for t in range(nr):
+        for a in range(k):
+            tmp[a] = 0.0
+        for b in range(k):
+            x = v[t * k + b]
+            for a in range(k):
+                tmp[a] += x * R[b * k + a]
+        for a in range(k):
+            v[t * k + a] = tmp[a]
+
+
+cdef inline void downdate(double* L22, Py_ssize_t D, const cnp.int64_t* rows,
+                          const double* v, Py_ssize_t nr, Py_ssize_t k1,
+                          double* buf) noexcept nogil:
+    """L22[rows, rows] -= V V' on the lower triangle (rows ascending)."""
+    cdef Py_ssize_t t, u, c, r
+    cdef double s
+    cdef int n_i, k_i
+    cdef char up = b'U', tr = b'T'
+    cdef double one = 1.0, zero = 0.0, mone = -1.0
+    cdef int ld_i
+    if nr * k1 >= BLAS_MIN and rows[nr - 1] - rows[0] == nr - 1:
+        # contiguous rows: rank-k update straight into L22 (column-major 'U' = row-major lower)
+        n_i = <int>nr
+        k_i = <int>k1
+        ld_i = <int>D
+        dsyrk(&up, &tr, &n_i, &k_i, &mone, <double*>v, &k_i, &one,
+              L22 + rows[0] * D + rows[0], &ld_i)
+        return
+    if buf != NULL and nr * k1 >= BLAS_MIN and nr <= GATHER_MAX:
+        # column-major C = (V')' V' with uplo 'U' is row-major lower: C[t*nr+u], t >= u
+        n_i = <int>nr
+        k_i = <int>k1
+        dsyrk(&up, &tr, &n_i, &k_i, &one, <double*>v, &k_i, &zero, buf, &n_i)
+        for t in range(nr):
+            r = rows[t] * D
+            for u in range(t + 1):
+                L22[r + rows[u]] -= buf[t * nr + u]
+        return
+    for t in range(nr):
+        r = rows[t] * D
+        for u in range(t + 1):
+            s = 0.0
+            for c in range(k1):
+                s += v[t * k1 + c] * v[u * k1 + c]
+            L22[r + rows[u]] -= s
