@@ -12,7 +12,7 @@ cimport numpy as cnp
 from scipy.linalg.cython_lapack cimport dpotri
 from scipy.linalg.cython_blas cimport dgemm, dtrmm
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, cols_mul, dot4, lam_rows,
-                             lower_inverse, max_panel)
+                             lower_inverse, max_panel, rows_tmul)
 
 cnp.import_array()
 
@@ -49,14 +49,15 @@ cdef int grad_block1_core(
         V = L21 + p0 * k1
         A = A21 + p0 * k1
         lower_inverse(L, k1, Li)
+        blas = nr * k1 >= BLAS_MIN     # wide panels: the nr-long products by BLAS
         # P = Minv22[rows, rows] V
-        if nr * k1 >= BLAS_MIN and rows[p0 + nr - 1] - rows[p0] == nr - 1:
+        if blas and rows[p0 + nr - 1] - rows[p0] == nr - 1:
             n_i = <int>nr
             k_i = <int>k1
             ld_i = <int>Dp
             dgemm(&nn, &nn, &k_i, &n_i, &n_i, &one, <double*>V, &k_i,
                   <double*>Minv + rows[p0] * Dp + rows[p0], &ld_i, &zero, P, &k_i)
-        elif gbuf != NULL and nr * k1 >= BLAS_MIN and nr <= GATHER_MAX:
+        elif gbuf != NULL and blas and nr <= GATHER_MAX:
             for t in range(nr):
                 r = rows[p0 + t] * Dp
                 for u in range(nr):
@@ -72,7 +73,6 @@ cdef int grad_block1_core(
                     for u in range(nr):
                         s += Minv[rows[p0 + t] * Dp + rows[p0 + u]] * V[u * k1 + c]
                     P[t * k1 + c] = s
-        blas = nr * k1 >= BLAS_MIN     # wide panels: the nr-long products by BLAS
         # H = I + V'P  (symmetric; row-major H is column-major (V'P)' = P'V)
         if blas:
             n_i = <int>nr
@@ -96,12 +96,9 @@ cdef int grad_block1_core(
                         s += Li[c * k1 + a] * H[c * k1 + u] * Li[u * k1 + b]
                 M11[a * k1 + b] = s
         # TA = T1' A11_j
-        for a in range(k1):
-            for b in range(k1):
-                s = 0.0
-                for c in range(a, k1):
-                    s += T1[c * k1 + a] * A11[j * k1 * k1 + c * k1 + b]
-                TA[a * k1 + b] = s
+        for a in range(k1 * k1):
+            TA[a] = A11[j * k1 * k1 + a]
+        rows_tmul(TA, k1, k1, T1, k1)
         # AR = Λr' A21_j ; AT = A21_j T1
         for t in range(nr * k1):
             AR[t] = A[t]

@@ -63,7 +63,7 @@ cdef extern from *:
 OPENMP = bool(LMMFAST_HAVE_OPENMP)   # built with OpenMP: the row-wise downdate runs threaded
 
 
-# (BLAS_MIN, GATHER_MAX: see _dense.pxd)
+# Size rules (BLAS_MIN and GATHER_MAX, shared with the gradient, are in _dense.pxd).
 # Dense blocks up to this size are factored by plain loops (chol_lower), and batched
 # rank-K updates of up to this many multiply-adds too: LAPACK/BLAS calls cost more.
 DEF SMALL_CHOL = 16

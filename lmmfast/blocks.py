@@ -225,7 +225,7 @@ class BlockedCrossprod:
 
 def _z(t):
     """A term's model matrix for :func:`level_xy_sums`: None for a lone intercept."""
-    return None if t.k == 1 and t.column(0) is None else np.ascontiguousarray(t.X, dtype=np.float64)
+    return None if t.intercept_only else np.ascontiguousarray(t.X, dtype=np.float64)
 
 
 def panel_batches_reference(indptr, rows):

@@ -246,7 +246,7 @@ def model_frame(mf, data) -> ModelFrame:
         if miss.any():
             missing.append(miss)
     n = len(data)
-    complete = None
+    complete = None                             # the rows kept; None: all of them
     if missing:
         complete = ~np.logical_or.reduce(missing)
         n = int(complete.sum())
@@ -255,7 +255,7 @@ def model_frame(mf, data) -> ModelFrame:
         raise DataError(f"no rows left after dropping the {n_drop} rows with a missing value in "
                         f"the model's columns ({', '.join(used)})")
     row_index = data.index[complete] if n_drop else data.index
-    frame = ColumnFrame(series, used, complete if n_drop else None, n, arrays)
+    frame = ColumnFrame(series, used, complete, n, arrays)
     return ModelFrame(frame, n_drop, row_index)
 
 

@@ -115,7 +115,7 @@ class LevelFit:
         k, m = t.k, t.nlevels
         self.t = t
         self.cnt = np.bincount(t.codes, minlength=m).astype(float)
-        self.intercept = k == 1 and t.column(0) is None
+        self.intercept = t.intercept_only
         if k == 1:
             x = t.X[:, 0]
             a = self.cnt if self.intercept else np.bincount(t.codes, weights=x * x, minlength=m)

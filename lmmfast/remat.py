@@ -36,7 +36,8 @@ def factor_codes(col: pd.Series, values=None, used_only: bool = False):
     Levels are sorted as R's ``factor()`` does under ``sort(method = "radix")``: strings
     in byte order, numbers numerically, a pandas Categorical in its category order
     (unused categories dropped).  ``values``: the column's numpy values when already at
-    hand (ignored for a Categorical); ``used_only``: a Categorical known to use all its
+    hand, a model frame's (no missing values: short object columns are then coded by a
+    dict); ignored for a Categorical.  ``used_only``: a Categorical known to use all its
     categories (a model frame's columns).
     """
     if isinstance(col.dtype, pd.CategoricalDtype):
@@ -188,6 +189,11 @@ class ReTerm:
         """Column a of the term's model matrix; None for the intercept (all ones), which
         :func:`weighted_counts` then never multiplies."""
         return None if self.cnames[a] == "(Intercept)" else self.X[:, a]
+
+    @property
+    def intercept_only(self) -> bool:
+        """A lone intercept, ``(1 | g)``: one column of ones, never multiplied by."""
+        return self.k == 1 and self.column(0) is None
 
     def level_gram(self) -> np.ndarray:
         """Per level j, the k × k cross-product X_j'X_j of the term's columns over its rows
