@@ -108,7 +108,8 @@ class _Counted:
             print(f"  eval {self.n:5d}  objective {f:.6f}  ({time.perf_counter() - self.t0:.2f} s)",
                   flush=True)
         if self.callback is not None:
-            self.callback(self.n, np.asarray(x, dtype=float), f)
+            # a copy: nlopt's x is a view of its own buffer, reused (and freed) after the call
+            self.callback(self.n, np.array(x, dtype=float), f)
         return f
 
 

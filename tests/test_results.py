@@ -438,3 +438,15 @@ def test_estimates_are_taken_at_the_optimum_after_the_factor_moved(case_id):
     g = next(iter(ref["ranef"]))
     np.testing.assert_allclose(fit.ranef[g].to_numpy(dtype=float), ref["ranef"][g]["values"],
                                atol=1e-3 * ref["sigma"], rtol=1e-3)
+
+
+def test_callback_theta_is_kept_by_the_caller(sleep):
+    """The θ a callback receives stays valid after the call (a caller may keep it without
+    copying): each kept θ gives back the objective reported with it."""
+    model = LinearMixedModel("Reaction ~ Days + (Days | Subject)", sleep)
+    calls = []
+    model.fit(callback=lambda n, th, f: calls.append((th, f)))
+    assert len(calls) > 5
+    assert len({tuple(th) for th, _ in calls}) > 5      # not one reused buffer
+    for th, f in calls[:: max(1, len(calls) // 8)]:
+        assert model.objective(th) == pytest.approx(f, rel=1e-12)
