@@ -92,7 +92,7 @@ cdef void transposed_downdate(
         double* L22, Py_ssize_t D, Py_ssize_t nrow, Py_ssize_t k1,
         const cnp.int32_t* rows, const double* L21, const cnp.int64_t* tptr,
         const cnp.int64_t* tidx, const cnp.int64_t* tstart, Py_ssize_t ntrans,
-        double* acc_all, int nthreads) noexcept nogil:
+        double* acc_all, int nthreads, const double* A22, const double* rscale) noexcept nogil:
     """The single-level downdates row by row of L22's first ``nrow`` rows (the transposed
     pattern, which holds only the levels downdated this way: neither batched nor heavy
     ones; the X/y rows are :func:`xy_accumulate`'s).
@@ -105,9 +105,14 @@ cdef void transposed_downdate(
     the panels a few entries ahead are prefetched, and the row indices are 32-bit (a
     quarter less to stream per update than int64).  Rows are independent: with OpenMP
     they are shared among ``nthreads`` threads (dynamic schedule: rows of frequent levels
-    carry most of the work)."""
+    carry most of the work).
+
+    With ``A22`` (not NULL) the rows are also initialised here, in the same pass:
+    L22[r, u] = A22[r, u] rscale[r] rscale[u] + [u == r] − acc[u], the same sums in the same
+    order as the separate scaled copy it replaces (one read and write of the triangle
+    less, and shared among the threads)."""
     cdef Py_ssize_t r, u, t, p0, p1, kk, c, ta
-    cdef double s, vv
+    cdef double s, vv, sr
     cdef double* acc
     cdef const double* v
     for r in prange(nrow, schedule="dynamic", chunksize=8, num_threads=nthreads):
@@ -133,8 +138,14 @@ cdef void transposed_downdate(
                     for c in range(k1):
                         s = s + v[c] * L21[kk * k1 + c]
                     acc[rows[kk]] += s
-        for u in range(r + 1):
-            L22[r * D + u] -= acc[u]
+        if A22 != NULL:
+            sr = rscale[r]
+            for u in range(r):
+                L22[r * D + u] = A22[r * D + u] * sr * rscale[u] - acc[u]
+            L22[r * D + r] = (A22[r * D + r] * sr * sr + 1.0) - acc[r]
+        else:
+            for u in range(r + 1):
+                L22[r * D + u] -= acc[u]
 
 
 cdef void xy_accumulate(const double* v, Py_ssize_t nr, Py_ssize_t k1,
@@ -214,15 +225,19 @@ cdef int update_blocked_core(
         if rk[r] != 1:
             groups = True
             break
+    # the row-wise downdate initialises the random-effects rows itself when nothing else
+    # writes them before it (no group factors, no batched or heavy levels)
+    cdef bint fused = tptr != NULL and not groups and nheavy == 0 and nbatch == m1
     if groups:
         lam_dense_groups(A22, L22, D, rscale, rk, rtoff, Tflat)
     else:
-        for r in range(D):
+        for r in range(nz if fused else 0, D):
             s = rscale[r]
             for c in range(r + 1):
                 L22[r * D + c] = A22[r * D + c] * s * rscale[c]
-    for r in range(nz):
-        L22[r * D + r] += 1.0
+    if not fused:
+        for r in range(nz):
+            L22[r * D + r] += 1.0
 
     for bi in range(nbatch):
         j0 = batch[bi]
@@ -324,7 +339,7 @@ cdef int update_blocked_core(
 
     if tptr != NULL:
         transposed_downdate(L22, D, nz, k1, rows32, L21, tptr, tidx, tstart, tptr[nz], acc,
-                            nthreads)
+                            nthreads, A22 if fused else NULL, rscale)
         for c in range(nz):                  # the X/y rows: W is (nz × nxy), then XX
             for a in range(nxy):
                 L22[(nz + a) * D + c] -= wxy[c * nxy + a]
