@@ -290,3 +290,83 @@ def test_short_object_levels_of_mixed_types_fall_back_to_pandas_order():
     col = pd.Series([3, "b", 1, "a", 3], dtype=object)
     codes, levels, _ = factor_codes(col, col.to_numpy())
     assert [levels[c] for c in codes] == ["3", "b", "1", "a", "3"] and len(levels) == 4
+
+
+def _cells_frame(rng, n=400):
+    cat = pd.Categorical(rng.choice(list("abcd"), n), categories=list("dcbaz"))   # unused "z"
+    return pd.DataFrame({
+        "f": cat,
+        "s": rng.choice(["x", "y", "w"], n).astype(object),
+        "t": pd.Series(rng.choice(["p", "q"], n), dtype=object),
+        "o": pd.Categorical(rng.choice(["lo", "mid", "hi"], n), categories=["lo", "mid", "hi"],
+                            ordered=True),
+        "x": rng.normal(size=n),
+        "b": rng.random(n) < 0.5,
+    })
+
+
+@pytest.mark.parametrize("rhs,cells", [
+    ("1 + f * s", True), ("0 + f:s:t", True), ("1 + f + s + t + f:t", True), ("o * s", True),
+    ("1 + f", True), ("0 + s", True),
+    ("1 + f * x", False), ("1 + C(s)", False), ("1 + f + b", False),
+])
+def test_design_by_cells_equals_formulaic_on_every_row(rhs, cells):
+    """Factor-only designs are built on one row per cell and taken by cell: the same matrix
+    and names as formulaic's on all rows; numeric, boolean and transformed terms take
+    formulaic's path on all rows."""
+    import formulaic
+    from lmmfast.fixed import design, design_cells
+
+    df = _cells_frame(np.random.default_rng(7))
+    got = design_cells(formulaic.Formula("~ " + rhs), df)
+    assert (got is not None) == cells
+    if cells:
+        assert len(got[1]) < len(df) and got[0].shape == (len(df),)
+    X, names, _ = design(rhs, df, "the fixed effects")
+    mm = formulaic.model_matrix("~ " + rhs, df, output="numpy")
+    np.testing.assert_array_equal(X, np.asarray(mm))
+    assert names == [lme4_name(c) for c in mm.model_spec.column_names]
+    assert X.flags.c_contiguous
+
+
+def test_design_cells_step_aside_for_many_cells_and_missing_values():
+    import formulaic
+    from lmmfast.fixed import design_cells
+
+    rng = np.random.default_rng(3)
+    many = pd.DataFrame({"g": [f"l{i}" for i in rng.permutation(100)]})      # 100 cells / 100 rows
+    assert design_cells(formulaic.Formula("~ g"), many) is None
+    na = pd.DataFrame({"g": pd.Categorical(["a", None, "b", "a"] * 10)})
+    assert design_cells(formulaic.Formula("~ g"), na) is None
+
+
+def test_fit_with_factor_interactions_matches_the_all_rows_design():
+    """A whole fit over the cell path (factors only in the fixed part) equals the fit with
+    the same X built by formulaic on every row (a numeric copy of the columns: same X,
+    all-rows path)."""
+    rng = np.random.default_rng(11)
+    n = 600
+    df = pd.DataFrame({"a": pd.Categorical(rng.choice(["u", "v", "w"], n)),
+                       "c": rng.choice(["k", "m"], n).astype(object),
+                       "g": rng.integers(0, 30, n)})
+    df["y"] = rng.normal(size=n) + (df["a"] == "v") * 0.5 + rng.normal(size=30)[df["g"]]
+    m = LinearMixedModel("y ~ a * c + (1 | g)", df)
+    dummies = pd.get_dummies(df[["a", "c"]], drop_first=True, dtype=float)
+    df2 = pd.concat([df, dummies], axis=1)
+    m2 = LinearMixedModel("y ~ a_v + a_w + c_m + a_v:c_m + a_w:c_m + (1 | g)", df2)
+    np.testing.assert_array_equal(m.X, m2.X)
+    assert m.objective(np.array([0.7])) == pytest.approx(m2.objective(np.array([0.7])), rel=1e-12)
+
+
+def test_nullable_string_columns_are_factors():
+    """pandas' nullable "string" dtype is a factor like any text column (formulaic alone
+    reads it as numbers and the model matrix failed to convert)."""
+    rng = np.random.default_rng(5)
+    n = 200
+    df = pd.DataFrame({"t": rng.choice(["p", "q", "r"], n).astype(object), "g": rng.integers(0, 20, n),
+                       "y": rng.normal(size=n)})
+    df2 = df.assign(t=df["t"].astype("string"))
+    m, m2 = LinearMixedModel("y ~ t + (1 | g)", df), LinearMixedModel("y ~ t + (1 | g)", df2)
+    assert m2.xnames == m.xnames == ["(Intercept)", "tq", "tr"]
+    np.testing.assert_array_equal(m2.X, m.X)
+    assert pd.api.types.is_string_dtype(df2["t"]) and df2["t"].dtype == "string"   # untouched
