@@ -67,14 +67,17 @@ def _plain_numeric(dtype) -> bool:
 
 
 def design(rhs: str, frame: pd.DataFrame, what: str):
-    """Model matrix of ``~ rhs`` on ``frame``: (X, lme4 column names, spec).
+    """Model matrix of ``~ rhs`` on ``frame``: (X, lme4 column names, spec, cells).
+
+    ``cells`` is ``(cell of each row, the cells' model matrix)`` when X was built by
+    :func:`design_cells` (X = that matrix's rows taken by cell), else None.
 
     A simple right-hand side over numeric columns is built directly; everything else
     by formulaic (treatment contrasts, levels in sorted order, R's column order)."""
     simple = _simple_terms(rhs)
     if simple is not None and all(_plain_numeric(frame[c].dtype) for c in simple[1]):
         spec = SimpleSpec(*simple)
-        return spec.get_model_matrix(frame), spec.column_names(), spec
+        return spec.get_model_matrix(frame), spec.column_names(), spec, None
     import formulaic
 
     try:
@@ -87,8 +90,11 @@ def design(rhs: str, frame: pd.DataFrame, what: str):
     except Exception as e:  # formulaic raises several exception types
         raise FormulaError(f"cannot build the model matrix of {what}: {e}") from e
     X = np.asarray(mm, dtype=np.float64)
-    X = np.ascontiguousarray(X) if cells is None else np.take(X, cells[0], axis=0)
-    return X, [lme4_name(c) for c in mm.model_spec.column_names], mm.model_spec
+    names = [lme4_name(c) for c in mm.model_spec.column_names]
+    if cells is None:
+        return np.ascontiguousarray(X), names, mm.model_spec, None
+    Xc = np.ascontiguousarray(X)
+    return np.take(Xc, cells[0], axis=0), names, mm.model_spec, (cells[0], Xc)
 
 
 def design_cells(formula, frame, most: float = 0.25):
@@ -371,24 +377,37 @@ def response(mf, frame: pd.DataFrame) -> np.ndarray:
 
 
 def fixed_matrix(mf, frame: pd.DataFrame):
-    """The fixed-effects model matrix X, its lme4-style column names and its spec."""
-    X, names, spec = design(mf.fixed, frame, f"the fixed effects ({mf.fixed})")
-    if not np.all(np.isfinite(X)):
+    """The fixed-effects model matrix X, its lme4-style column names, its spec and its
+    cells (:func:`design`)."""
+    X, names, spec, cells = design(mf.fixed, frame, f"the fixed effects ({mf.fixed})")
+    if not np.all(np.isfinite(X) if cells is None else np.isfinite(cells[1])):
         bad = [nm for nm, ok in zip(names, np.isfinite(X).all(axis=0)) if not ok]
         raise DataError(f"fixed-effects columns {bad} have infinite or undefined values "
                         "(e.g. log of zero)")
-    return X, names, spec
+    return X, names, spec, cells
 
 
-def xy_gram(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+def xy_gram(X: np.ndarray, y: np.ndarray, cells=None) -> np.ndarray:
     """[X y]'[X y]: X'X, X'y and y'y in one symmetric (p + 1)² array.
 
     Formed once per model (the rank check, the dense block's X/y part and the moment
     start all read it) by scipy's BLAS, the one the compiled kernel calls: numpy and
     scipy wheels each bundle an OpenBLAS, whose threads spin for a while after a threaded
     call, and a threaded call into the other library meanwhile runs against them (on two
-    cores, 73k × 28 took up to 0.1 s instead of 5 ms right after a factorization)."""
+    cores, 73k × 28 took up to 0.1 s instead of 5 ms right after a factorization).
+    With X's ``cells`` (:func:`design`: row i of X is row ``cell[i]`` of ``Xc``),
+    X'X = Xc' diag(count) Xc and X'y = Xc' (y summed by cell): one pass over y."""
     n, p = X.shape
+    if cells is not None and p:
+        cell, Xc = cells
+        m = Xc.shape[0]
+        count = np.bincount(cell, minlength=m).astype(float)
+        ysum = np.bincount(cell, weights=y, minlength=m)
+        G = np.empty((p + 1, p + 1))
+        G[:p, :p] = Xc.T @ (count[:, None] * Xc)
+        G[:p, p] = G[p, :p] = Xc.T @ ysum
+        G[p, p] = ddot(y, y)
+        return G
     if n * (p + 1) ** 2 <= 2 ** 18:            # below OpenBLAS's threading: numpy is quicker
         Xy = np.empty((n, p + 1))
         Xy[:, :p] = X

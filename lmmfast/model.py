@@ -61,9 +61,9 @@ class LinearMixedModel:
         self.row_index = mf.row_index
         frame = mf.frame
         self.y = response(self.formula, frame)
-        X, names, spec = fixed_matrix(self.formula, frame)
+        X, names, spec, cells = fixed_matrix(self.formula, frame)
         self.fixed_spec = spec
-        G = xy_gram(X, self.y)
+        G = xy_gram(X, self.y, cells)
         self.X, self.xnames, self.dropped = drop_aliased(X, names, XtX=G[:-1, :-1])
         self._xkeep = [names.index(nm) for nm in self.xnames]
         if self.dropped:

@@ -181,7 +181,7 @@ class ReTerm:
         self.group = bar.group
         self.lhs = bar.lhs
         self.codes, self.levels, self.encoder = grouping_factor(frame, bar.factors, str(bar))
-        self.X, self.cnames, self.spec = design(bar.lhs, frame, f"random-effects term {bar}")
+        self.X, self.cnames, self.spec, _ = design(bar.lhs, frame, f"random-effects term {bar}")
         if self.X.shape[1] == 0:
             raise FormulaError(f"random-effects term {bar} has no columns")
 

@@ -322,11 +322,17 @@ def test_design_by_cells_equals_formulaic_on_every_row(rhs, cells):
     assert (got is not None) == cells
     if cells:
         assert len(got[1]) < len(df) and got[0].shape == (len(df),)
-    X, names, _ = design(rhs, df, "the fixed effects")
+    X, names, _, cells_out = design(rhs, df, "the fixed effects")
     mm = formulaic.model_matrix("~ " + rhs, df, output="numpy")
     np.testing.assert_array_equal(X, np.asarray(mm))
     assert names == [lme4_name(c) for c in mm.model_spec.column_names]
     assert X.flags.c_contiguous
+    assert (cells_out is not None) == cells
+    if cells:       # [X y]'[X y] from the cells against numpy's product over every row
+        from lmmfast.fixed import xy_gram
+        y = np.random.default_rng(1).normal(size=len(df))
+        Xy = np.column_stack([X, y])
+        np.testing.assert_allclose(xy_gram(X, y, cells_out), Xy.T @ Xy, rtol=1e-12, atol=1e-9)
 
 
 def test_design_cells_step_aside_for_many_cells_and_missing_values():
