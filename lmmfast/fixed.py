@@ -317,7 +317,13 @@ def model_frame(mf, data) -> ModelFrame:
     arrays = {}                                 # numpy values, converted once
     for c in used:
         col = series[c]
+        if isinstance(col, pd.DataFrame):       # a label the data holds more than once
+            raise DataError(f"the data has {col.shape[1]} columns named {c!r}; the model "
+                            "cannot tell which to use: rename or drop the duplicates")
         dt = col.dtype
+        if isinstance(dt, np.dtype) and dt.kind == "c":
+            raise DataError(f"column {c!r} holds complex numbers; a mixed model's variables "
+                            "are real: use its real part, modulus or angle as a column")
         if isinstance(dt, pd.CategoricalDtype):                     # missing: code -1
             miss = col.array.codes < 0
         else:

@@ -297,3 +297,12 @@ def test_no_finite_objective_is_a_clear_error_not_a_fit():
         warnings.simplefilter("ignore")
         with pytest.raises(DataError, match="not finite at any θ"):
             m.fit(start=[1e15, 0.01])
+
+
+def test_duplicate_column_names_are_named(df):
+    dup = pd.concat([df, df[["x"]]], axis=1)
+    _raises(DataError, "y ~ x + (1 | g)", dup, "2 columns named 'x'", "rename")
+
+
+def test_complex_columns_are_refused(df):
+    _raises(DataError, "y ~ x + (1 | g)", df.assign(x=df["x"] + 1j), "'x'", "complex")
