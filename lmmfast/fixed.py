@@ -113,7 +113,7 @@ def design_cells(formula, frame, most: float = 0.25):
     names = []
     for term in formula:
         for fac in term.factors:
-            how = fac.eval_method.value
+            how = getattr(getattr(fac, "eval_method", None), "value", None)
             if how == "literal":
                 continue
             if how != "lookup":
