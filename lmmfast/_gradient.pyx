@@ -23,8 +23,16 @@ cdef int grad_block1_core(
         const double* L11, const double* L21, const double* Minv, Py_ssize_t Dp, Py_ssize_t nz,
         const double* rscale, const cnp.int64_t* rk, const cnp.int64_t* rtoff,
         const double* Tflat, double* G1, double* out2, Py_ssize_t kmax,
-        double* work, double* gbuf) noexcept nogil:
-    cdef Py_ssize_t j, t, u, a, b, c, p0, nr, r, kk
+        double* work, double* gbuf, const cnp.int64_t* batch, Py_ssize_t nbatch,
+        double* cat, Py_ssize_t catmax) noexcept nogil:
+    """Levels of a batch (:func:`lmmfast._remat.panel_batches`: panels on one contiguous
+    run of rows) get P = Minv22[rows, rows] V from one dgemm over the whole batch, the
+    panels side by side in ``cat`` (2 nr K doubles, K = k1 × levels, when that fits in
+    ``catmax``): Minv is packed once instead of once per level."""
+    cdef Py_ssize_t j, t, u, a, b, c, p0, nr, r, kk, bi, j0, j1, K, q0, bnr = 0
+    cdef bint in_cat
+    cdef double* Vc = cat
+    cdef double* Pc = cat
     cdef double s
     cdef int n_i, k_i, ld_i
     cdef char nn = b'N', tt = b'T', sl = b'L', su = b'U'
@@ -40,18 +48,48 @@ cdef int grad_block1_core(
     cdef const double* L
     cdef const double* V
     cdef const double* A
+    j0 = 0
+    j1 = 0
+    bi = 0
+    in_cat = False
     for j in range(m1):
         p0 = indptr[j]
         nr = 0
         while p0 + nr < indptr[j + 1] and rows[p0 + nr] < Dp:
             nr += 1
+        if j == j1:                     # the next batch starts: one dgemm for all of it?
+            j0 = batch[bi]
+            j1 = batch[bi + 1]
+            bi += 1
+            K = k1 * (j1 - j0)
+            in_cat = (cat != NULL and j1 - j0 > 1 and nr * k1 >= BLAS_MIN and nr > 0
+                      and rows[p0 + nr - 1] - rows[p0] == nr - 1 and 2 * nr * K <= catmax)
+            if in_cat:
+                bnr = nr
+                Vc = cat
+                Pc = cat + nr * K
+                for t in range(nr):     # V side by side: row-major nr × K
+                    for q0 in range(j1 - j0):
+                        for c in range(k1):
+                            Vc[t * K + q0 * k1 + c] = L21[(indptr[j0 + q0] + t) * k1 + c]
+                # row-major Pc = S Vc (S symmetric) is column-major Pc' = Vc' S
+                n_i = <int>nr
+                k_i = <int>K
+                ld_i = <int>Dp
+                dgemm(&nn, &nn, &k_i, &n_i, &n_i, &one, Vc, &k_i,
+                      <double*>Minv + rows[p0] * Dp + rows[p0], &ld_i, &zero, Pc, &k_i)
         L = L11 + j * k1 * k1
         V = L21 + p0 * k1
         A = A21 + p0 * k1
         lower_inverse(L, k1, Li)
         blas = nr * k1 >= BLAS_MIN     # wide panels: the nr-long products by BLAS
         # P = Minv22[rows, rows] V
-        if blas and rows[p0 + nr - 1] - rows[p0] == nr - 1:
+        if in_cat and nr == bnr:
+            q0 = (j - j0) * k1
+            for t in range(nr):
+                for c in range(k1):
+                    P[t * k1 + c] = Pc[t * K + q0 + c]
+        elif blas and rows[p0 + nr - 1] - rows[p0] == nr - 1:
             n_i = <int>nr
             k_i = <int>k1
             ld_i = <int>Dp
@@ -152,13 +190,14 @@ def grad_block1(const double[:, :, ::1] A11, const double[:, ::1] T1,
                 const double[:, ::1] Minv, Py_ssize_t nz,
                 const double[::1] rscale, const cnp.int64_t[::1] rk,
                 const cnp.int64_t[::1] rtoff, const double[::1] Tflat,
-                double[:, ::1] G1_out, double[:, ::1] out2):
+                double[:, ::1] G1_out, double[:, ::1] out2, batch=None):
     """Term-1 and coupling parts of the gradient of log|M| (see ``gradient.py``).
 
     ``Minv`` is the dense block of M⁻¹ over the first Dp rows of the dense block (Dp = nz for
     ML, nz + p for REML).  Accumulates ``G1_out[b, a] += Σ_j Σ_r M⁻¹[(j,b), r] (W'Z)[r, (j,a)]``
     and, for every k-row group starting at row r of the rest terms,
     ``out2[r + a, b] += Σ_j Σ_c M⁻¹[(r+b), (j,c)] (W'Z)[(j,c), r+a]``.
+    ``batch``: the panel batches (``BlockedCrossprod.batch``; default one level each).
     """
     cdef Py_ssize_t m1 = A11.shape[0], k1 = A11.shape[1], Dp = Minv.shape[0]
     cdef Py_ssize_t kmax = out2.shape[1]
@@ -179,11 +218,25 @@ def grad_block1(const double[:, :, ::1] A11, const double[:, ::1] T1,
     cdef const cnp.int64_t* rowsp = &rows[0] if rows.shape[0] > 0 else NULL
     cdef const double* minvp = &Minv[0, 0] if Dp > 0 else NULL
     cdef double* o2 = &out2[0, 0] if out2.shape[0] > 0 and kmax > 0 else NULL
+    bt = (np.arange(m1 + 1, dtype=np.int64) if batch is None
+          else np.ascontiguousarray(batch, dtype=np.int64))
+    if bt.shape[0] < 1 or bt[0] != 0 or bt[bt.shape[0] - 1] != m1 or np.any(np.diff(bt) < 1):
+        raise ValueError("batch must run from 0 to the number of levels in increasing steps")
+    cdef const cnp.int64_t[::1] btv = bt
+    cdef Py_ssize_t nb = bt.shape[0] - 1
+    # the batched panels side by side (V and P), at most 32 MiB
+    cdef Py_ssize_t catmax = 0
+    if use_blas and bt.shape[0] > 1:
+        widest = int(np.max(np.diff(bt))) * k1
+        catmax = min(2 * nrmax * widest, 2 ** 22) if widest > k1 else 0
+    cat = np.empty(max(catmax, 1))
+    cdef double[::1] catv = cat
     with nogil:
         grad_block1_core(&A11[0, 0, 0], m1, k1, &T1[0, 0], &indptr[0], rowsp, a21p,
                          &L11[0, 0, 0], l21p, minvp, Dp, nz, &rscale[0], &rk[0], &rtoff[0],
                          &Tflat[0], &G1_out[0, 0], o2, kmax, &w[0],
-                         &gbv[0] if use_blas else NULL)
+                         &gbv[0] if use_blas else NULL, &btv[0], nb,
+                         &catv[0] if catmax > 0 else NULL, catmax)
     return None
 
 

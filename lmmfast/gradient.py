@@ -27,13 +27,15 @@ __all__ = ["blocked_gradient", "numeric_gradient"]
 
 
 def _lam_t_rows(M, xp, rscale, Tflat, nrows):
-    """Λ_rest' M for the first ``nrows`` rows of the dense block (row operations)."""
+    """Λ_rest' M for the first ``nrows`` rows of the dense block (row operations): a
+    vector term's k-row groups all at once (one T per term), scalar rows scaled."""
     out = M * rscale[:nrows, None]
-    starts = np.flatnonzero(xp.rk[:nrows] > 1)
-    for s in starts:
-        k = xp.rk[s]
-        T = Tflat[xp.rtoff[s]: xp.rtoff[s] + k * k].reshape(k, k)
-        out[s: s + k] = T.T @ M[s: s + k]
+    for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
+        if k == 1 or o >= nrows:
+            continue
+        T = Tflat[xp.rtoff[o]: xp.rtoff[o] + k * k].reshape(k, k)
+        q = m * k
+        out[o: o + q] = np.matmul(T.T, M[o: o + q].reshape(m, k, -1)).reshape(q, -1)
     return out
 
 
@@ -59,7 +61,8 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
     G1 = np.zeros((k1, k1))
     out2 = np.zeros((max(nz, 1), kmax))
     _gradient.grad_block1(xp.A11, pls.T1, xp.indptr, xp.rows, xp.A21, pls.L11, pls.L21,
-                          Minv, nz, pls.rscale, xp.rk, xp.rtoff, pls.Tflat, G1, out2)
+                          Minv, nz, pls.rscale, xp.rk, xp.rtoff, pls.Tflat, G1, out2,
+                          xp.batch)
     Gs = [G1]
     if nz:
         AL = _lam_t_rows(xp.A22[:Dp, :nz], xp, pls.rscale, pls.Tflat, Dp)  # Λr'(W'Z) rows
@@ -67,7 +70,7 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
             q = m * k
             Mi = Minv[o: o + q, :].reshape(m, k, Dp)
             Ai = AL[:, o: o + q].T.reshape(m, k, Dp)
-            G = np.einsum("lbr,lar->ba", Mi, Ai)
+            G = np.tensordot(Mi, Ai, axes=([0, 2], [0, 2]))          # Σ_l Mi[l] Ai[l]'  (b, a)
             G += out2[o: o + q, :k].reshape(m, k, k).sum(axis=0).T
             Gs.append(G)
     # ---- derivative of r²: Z'e from the cross-products
@@ -82,7 +85,7 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
     if nz:
         zr = xp.A22[:nz, :] @ w
         rows_z, level_z, A21_z = _coupling_rows(xp)
-        contrib = (A21_z * b[0][level_z]).sum(axis=1)
+        contrib = np.einsum("ij,ij->i", A21_z, b[0][level_z])
         zr -= np.bincount(rows_z, weights=contrib, minlength=nz)
         for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
             zes.append(zr[o: o + m * k].reshape(m, k))
