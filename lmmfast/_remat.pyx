@@ -323,6 +323,91 @@ def level_xy_sums_reference(codes, m, Z, X, y):
     return out
 
 
+def panel_dot(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
+              const double[:, ::1] P, const double[::1] w):
+    """Each level's panel transposed times ``w`` on its rows: ``out[j] = P_j' w[rows_j]``.
+
+    Parameters
+    ----------
+    indptr, rows : int64 arrays
+        The panel pattern (level j's rows of the dense block are
+        ``rows[indptr[j]:indptr[j + 1]]``).
+    P : (nnz, k) array
+        The panels (the cross-products A21 or the factor's L21), row t at ``rows[t]``.
+    w : (D,) array
+        A vector over the dense block's rows.
+
+    Returns
+    -------
+    (m, k) array, m = ``len(indptr) - 1``; a level with an empty panel gets zeros.
+    Oracle: :func:`panel_dot_reference`.
+    """
+    cdef Py_ssize_t m = indptr.shape[0] - 1, k = P.shape[1], D = w.shape[0], j, t, c
+    cdef Py_ssize_t nnz = rows.shape[0]
+    if m < 0 or P.shape[0] != nnz:
+        raise ValueError("P must have one row per entry of rows, and indptr at least one entry")
+    ip = np.asarray(indptr)
+    if ip[0] != 0 or ip[m] != nnz or np.any(np.diff(ip) < 0):
+        raise ValueError("indptr must rise from 0 to len(rows)")
+    if nnz and (np.asarray(rows).min() < 0 or np.asarray(rows).max() >= D):
+        raise ValueError("rows must lie in [0, len(w))")
+    out = np.zeros((max(m, 0), k))
+    cdef double[:, ::1] o = out
+    cdef double s
+    with nogil:
+        for j in range(m):
+            for t in range(indptr[j], indptr[j + 1]):
+                s = w[rows[t]]
+                for c in range(k):
+                    o[j, c] += s * P[t, c]
+    return out
+
+
+def panel_dot_reference(indptr, rows, P, w):
+    """numpy oracle of :func:`panel_dot`."""
+    m = len(indptr) - 1
+    level = np.repeat(np.arange(m), np.diff(indptr))
+    out = np.zeros((m, P.shape[1]))
+    np.add.at(out, level, P * np.asarray(w)[rows][:, None])
+    return out
+
+
+def panel_scatter(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
+                  const double[:, ::1] P, const double[:, ::1] B, Py_ssize_t D):
+    """Each level's panel times its row of ``B``, summed into the dense block's rows:
+    ``out[rows_j] += P_j B[j]`` (the transpose of :func:`panel_dot`), a (D,) array.
+
+    Oracle: :func:`panel_scatter_reference`.
+    """
+    cdef Py_ssize_t m = indptr.shape[0] - 1, k = P.shape[1], j, t, c
+    cdef Py_ssize_t nnz = rows.shape[0]
+    if m < 0 or P.shape[0] != nnz or B.shape[0] != m or B.shape[1] != k:
+        raise ValueError("P must have one row per entry of rows and B one row per level, "
+                         "both with the panels' columns")
+    ip = np.asarray(indptr)
+    if ip[0] != 0 or ip[m] != nnz or np.any(np.diff(ip) < 0):
+        raise ValueError("indptr must rise from 0 to len(rows)")
+    if nnz and (np.asarray(rows).min() < 0 or np.asarray(rows).max() >= D):
+        raise ValueError("rows must lie in [0, D)")
+    out = np.zeros(max(D, 0))
+    cdef double[::1] o = out
+    cdef double s
+    with nogil:
+        for j in range(m):
+            for t in range(indptr[j], indptr[j + 1]):
+                s = 0.0
+                for c in range(k):
+                    s += P[t, c] * B[j, c]
+                o[rows[t]] += s
+    return out
+
+
+def panel_scatter_reference(indptr, rows, P, B, D):
+    """numpy oracle of :func:`panel_scatter`."""
+    level = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    return np.bincount(rows, weights=(P * B[level]).sum(axis=1), minlength=D).astype(float)
+
+
 def panel_batches(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows):
     """Boundaries of runs of consecutive levels whose panels cover the same contiguous
     rows (``blocks.BlockedCrossprod``: they downdate in one rank-k update).

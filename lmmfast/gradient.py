@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _gradient
+from ._remat import panel_dot, panel_scatter
+from .remat import _tril_colmajor
 
 __all__ = ["blocked_gradient", "numeric_gradient"]
 
@@ -79,37 +81,22 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
     b = [ui @ T.T for ui, T in zip(u, Ts)]
     w = np.concatenate([-np.concatenate([bi.ravel() for bi in b[1:]]) if nz else np.zeros(0),
                         -beta, [1.0]])
-    ze1 = np.add.reduceat(xp.A21 * w[xp.rows][:, None], xp.indptr[:-1], axis=0)  # no empty panel
+    ze1 = panel_dot(xp.indptr, xp.rows, xp.A21, w)
     ze1 -= np.einsum("jab,jb->ja", xp.A11, b[0])
     zes = [ze1]
     if nz:
         zr = xp.A22[:nz, :] @ w
-        rows_z, level_z, A21_z = _coupling_rows(xp)
-        contrib = np.einsum("ij,ij->i", A21_z, b[0][level_z])
-        zr -= np.bincount(rows_z, weights=contrib, minlength=nz)
+        zr -= panel_scatter(xp.indptr, xp.rows, xp.A21, b[0], xp.D)[:nz]   # Σ_j A21_j b1_j
         for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
             zes.append(zr[o: o + m * k].reshape(m, k))
     ldz, ldx, r2 = pls.pieces()
     scale = (n - p if reml else n) / r2
     grad = []
     for G, ze, ui, (m, k) in zip(Gs, zes, u, xp.term_shapes):
-        for bcol in range(k):
-            for a in range(bcol, k):
-                dr2 = -2.0 * float(ze[:, a] @ ui[:, bcol])
-                grad.append(2.0 * G[bcol, a] + scale * dr2)
-    return np.array(grad)
-
-
-def _coupling_rows(xp):
-    """The panel entries on random-effects rows of the dense block: (rows, levels, A21
-    rows), formed once per model (they do not depend on θ)."""
-    cached = getattr(xp, "_coupling_rows", None)
-    if cached is None:
-        sel = np.flatnonzero(xp.rows < xp.nz)
-        level = np.repeat(np.arange(xp.m1), np.diff(xp.indptr))
-        cached = (xp.rows[sel], level[sel], xp.A21[sel])
-        xp._coupling_rows = cached
-    return cached
+        a, bcol = _tril_colmajor(k)                     # θ's order: column by column
+        dr2 = -2.0 * (ze.T @ ui)[a, bcol]                # ∂r²: (Z'e)[:, a] · û[:, b]
+        grad.append(2.0 * G[bcol, a] + scale * dr2)
+    return np.concatenate(grad)
 
 
 def _rest_T(xp, Tflat, rscale, i):

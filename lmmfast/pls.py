@@ -20,6 +20,7 @@ from functools import partial
 import numpy as np
 
 from . import _pls
+from ._remat import panel_dot
 
 __all__ = ["BlockedPLS", "dense_objective", "dense_factor", "deviance", "tri_inverse"]
 
@@ -120,8 +121,7 @@ class BlockedPLS:
         # term 1: L11_j' u_j = c1_j - V_j' z  (c1 is the y row, the last row of each panel)
         m1, k1 = xp.m1, xp.k1
         zext = np.append(z, 0.0)
-        # every panel holds at least the y row, so no segment of reduceat is empty
-        s = np.add.reduceat(self.L21 * zext[xp.rows][:, None], xp.indptr[:-1], axis=0)
+        s = panel_dot(xp.indptr, xp.rows, self.L21, zext)          # V_j' z per level
         rhs = self.L21[xp.indptr[1:] - 1] - s
         u1 = np.empty((m1, k1))
         for a in range(k1 - 1, -1, -1):   # back-substitution with L11_j' (upper), all j at once

@@ -135,3 +135,48 @@ def test_level_xy_sums_rejects_bad_input():
         _remat.level_xy_sums(codes, 3, None, X[:2], y)
     with pytest.raises(ValueError, match="Z"):
         _remat.level_xy_sums(codes, 3, np.ones((2, 1)), X, y)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 30), st.integers(1, 40), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_panel_dot_matches_numpy(m, D, k, seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, min(D, 6) + 1, m)            # empty panels included
+    indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    rows = np.concatenate([np.sort(rng.choice(D, s, replace=False)) for s in sizes]
+                          + [np.zeros(0)]).astype(np.int64)
+    P = rng.normal(size=(len(rows), k))
+    w = rng.normal(size=D)
+    np.testing.assert_allclose(_remat.panel_dot(indptr, rows, P, w),
+                               _remat.panel_dot_reference(indptr, rows, P, w), rtol=1e-13, atol=1e-13)
+
+
+def test_panel_dot_rejects_bad_input():
+    indptr = np.array([0, 2], dtype=np.int64)
+    rows = np.array([0, 3], dtype=np.int64)
+    P = np.ones((2, 1))
+    with pytest.raises(ValueError, match="rows"):
+        _remat.panel_dot(indptr, rows, P, np.ones(3))
+    with pytest.raises(ValueError, match="indptr"):
+        _remat.panel_dot(np.array([0, 1], dtype=np.int64), rows, P, np.ones(4))
+    with pytest.raises(ValueError, match="one row"):
+        _remat.panel_dot(indptr, rows, np.ones((3, 1)), np.ones(4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 30), st.integers(1, 40), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_panel_scatter_matches_numpy(m, D, k, seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, min(D, 6) + 1, m)
+    indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    rows = np.concatenate([np.sort(rng.choice(D, s, replace=False)) for s in sizes]
+                          + [np.zeros(0)]).astype(np.int64)
+    P = rng.normal(size=(len(rows), k))
+    B = rng.normal(size=(m, k))
+    np.testing.assert_allclose(_remat.panel_scatter(indptr, rows, P, B, D),
+                               _remat.panel_scatter_reference(indptr, rows, P, B, D),
+                               rtol=1e-13, atol=1e-13)
+    # the transpose of panel_dot: <panel_dot(w), B> = <w, panel_scatter(B)>
+    w = rng.normal(size=D)
+    assert np.sum(_remat.panel_dot(indptr, rows, P, w) * B) == pytest.approx(
+        w @ _remat.panel_scatter(indptr, rows, P, B, D), rel=1e-12, abs=1e-12)
