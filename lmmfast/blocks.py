@@ -150,7 +150,8 @@ class BlockedCrossprod:
         R[:, c:] = D - p - 1 + np.arange(p + 1)
         V[:, c: c + p] = X
         V[:, c + p] = y
-        return dense_crossprod(t1.codes, t1.nlevels, t1.X, R, V, D)
+        return dense_crossprod(t1.codes, t1.nlevels, np.ascontiguousarray(t1.X, dtype=np.float64),
+                               R, V, D)
 
     @staticmethod
     def _dense_block(rest, offs, X, y, nz, D, xy_gram=None):

@@ -175,13 +175,22 @@ class ReTerm:
     """
 
     def __init__(self, bar, frame: pd.DataFrame):
-        from .fixed import design
+        from .fixed import SimpleSpec, design
 
         self.bar = bar
         self.group = bar.group
         self.lhs = bar.lhs
         self.codes, self.levels, self.encoder = grouping_factor(frame, bar.factors, str(bar))
-        self.X, self.cnames, self.spec, _ = design(bar.lhs, frame, f"random-effects term {bar}")
+        if bar.lhs.strip() == "1":
+            # (1 | g): a read-only broadcast column of ones, no n-long array (80 MB on ten
+            # million rows); it is never written, and the kernels take the intercept
+            # from column() is None
+            self.spec = SimpleSpec(True, [])
+            self.cnames = self.spec.column_names()
+            self.X = np.broadcast_to(np.ones((1, 1)), (len(self.codes), 1))
+        else:
+            self.X, self.cnames, self.spec, _ = design(bar.lhs, frame,
+                                                       f"random-effects term {bar}")
         if self.X.shape[1] == 0:
             raise FormulaError(f"random-effects term {bar} has no columns")
 
