@@ -183,8 +183,8 @@ class ReTerm:
         self.codes, self.levels, self.encoder = grouping_factor(frame, bar.factors, str(bar))
         if bar.lhs.strip() == "1":
             # (1 | g): a read-only broadcast column of ones, no n-long array (80 MB on ten
-            # million rows); it is never written, and the kernels take the intercept
-            # from column() is None
+            # million rows); nothing writes it, and the kernels see the intercept as
+            # column(0) being None
             self.spec = SimpleSpec(True, [])
             self.cnames = self.spec.column_names()
             self.X = np.broadcast_to(np.ones((1, 1)), (len(self.codes), 1))
