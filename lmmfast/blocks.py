@@ -79,16 +79,18 @@ class BlockedCrossprod:
             self.A22 = self._dense_block(rest, offs, X, y, nz, D, xy_gram)
             self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, X, y, nz, D)
         self.batch = panel_batches(self.indptr, self.rows)
-        nr = np.diff(self.indptr)
-        single = np.zeros(self.m1, dtype=bool)
-        bsize = np.diff(self.batch)
-        single[self.batch[:-1][bsize == 1]] = True
-        if heavy_rows is None:   # and big enough for BLAS to pay
-            heavy = (single & (nr > max(D // 8, 1)) & (nr * self.k1 >= 256) if D * self.k1 >= 256
-                     else np.zeros(self.m1, dtype=bool))
+        if heavy_rows is None and D * self.k1 < 256:     # too small for BLAS to pay
+            self.heavy = np.zeros(0, dtype=np.int64)
         else:
-            heavy = single & (nr > heavy_rows)
-        self.heavy = np.flatnonzero(heavy).astype(np.int64)
+            nr = np.diff(self.indptr)
+            single = np.zeros(self.m1, dtype=bool)
+            bsize = np.diff(self.batch)
+            single[self.batch[:-1][bsize == 1]] = True
+            if heavy_rows is None:   # and big enough for BLAS to pay
+                heavy = single & (nr > max(D // 8, 1)) & (nr * self.k1 >= 256)
+            else:
+                heavy = single & (nr > heavy_rows)
+            self.heavy = np.flatnonzero(heavy).astype(np.int64)
         # Row-wise (transposed) downdate when L22 is too big for the cache (see _pls).
         if transposed is None:
             transposed = D * D * 8 > 4 * 2 ** 20
@@ -100,8 +102,11 @@ class BlockedCrossprod:
             # dsyrk; the panels of the others, transposed (CSR -> CSC, a counting sort):
             # per random-effects row of the dense block, the levels touching it (ascending)
             # and where.  The X/y rows are downdated column-wise (``_pls.xy_accumulate``).
-            lev = np.repeat(np.arange(self.m1, dtype=np.int64), nr)
-            keep = np.flatnonzero((single & ~heavy)[lev] & (self.rows < nz))
+            rowwise = np.zeros(self.m1, dtype=bool)       # alone in their batch, not heavy
+            rowwise[self.batch[:-1][np.diff(self.batch) == 1]] = True
+            rowwise[self.heavy] = False
+            lev = np.repeat(np.arange(self.m1, dtype=np.int64), np.diff(self.indptr))
+            keep = np.flatnonzero(rowwise[lev] & (self.rows < nz))
             kptr = np.zeros(self.m1 + 1, dtype=np.int64)
             np.cumsum(np.bincount(lev[keep], minlength=self.m1), out=kptr[1:])
             P = sp.csr_matrix((keep, self.rows[keep], kptr), shape=(self.m1, D)).tocsc()
