@@ -635,13 +635,14 @@ cdef class BlockedFactor:
         self.m1, self.k1, self.D, self.nz = xp.m1, xp.k1, xp.D, xp.nz
         self.nbatch = len(xp.batch) - 1
         self.n, self.p = xp.n, xp.p
-        cdef Py_ssize_t nrmax = max_panel(xp.indptr), bi, wmax = 1
+        cdef Py_ssize_t nrmax = max_panel(xp.indptr), wmax = 1
         self.use_buf = nrmax * self.k1 >= BLAS_MIN
         self.buf = np.empty(min(nrmax, GATHER_MAX) ** 2 if self.use_buf else 1)
-        for bi in range(self.nbatch):
-            if xp.batch[bi + 1] - xp.batch[bi] > 1:
-                wmax = max(wmax, (xp.indptr[xp.batch[bi] + 1] - xp.indptr[xp.batch[bi]])
-                           * self.k1 * (xp.batch[bi + 1] - xp.batch[bi]))
+        bt, ip = np.asarray(xp.batch), np.asarray(xp.indptr)
+        bsize = np.diff(bt)
+        multi = bt[:len(bt) - 1][bsize > 1]           # first level of each batch of several
+        if len(multi):                                # their panels side by side (wbuf)
+            wmax = max(1, int(((ip[multi + 1] - ip[multi]) * self.k1 * bsize[bsize > 1]).max()))
         self.wbuf = np.empty(wmax)
         self.rbuf = np.empty(2 * self.k1 * self.k1 + self.k1)
         self.bufv, self.wbufv, self.rbufv = self.buf, self.wbuf, self.rbuf
