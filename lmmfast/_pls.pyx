@@ -618,7 +618,8 @@ cdef class BlockedFactor:
             heavy = np.zeros(0, dtype=np.int64)
         update_blocked(xp.A11, self.T1, xp.indptr, xp.rows, xp.A21, xp.A22,
                        xp.nz, self.rscale, xp.rk, xp.rtoff, self.Tflat, self.L11, self.L21,
-                       self.L22, xp.batch, check_only=True, heavy=heavy)
+                       self.L22, xp.batch, check_only=True)
+        # the heavy levels are validated by _heavy_setup, once
         self.heavy_arr = np.ascontiguousarray(heavy, dtype=np.int64)
         self.hflag_arr, self.hchunk, self.hbuf = _heavy_setup(self.heavy_arr, xp.batch, xp.m1,
                                                               xp.k1, xp.A22.shape[0])

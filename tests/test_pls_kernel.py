@@ -406,6 +406,22 @@ def test_wrapper_rejects_bad_heavy_levels():
             _pls.update_blocked(*[args[k] for k in ORDER], heavy=np.array(heavy, dtype=np.int64))
 
 
+def test_factor_object_rejects_bad_heavy_levels():
+    """The factor object validates the cross-products' heavy levels (once, by the same
+    check as the kernel wrapper)."""
+    import lmmfast
+
+    df, _ = lmmfast.simulate.crossed(4000, 60, 30, slope=True, seed=4)
+    model = LinearMixedModel("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=False, method="blocked")
+    xp = BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets, heavy_rows=20)
+    assert len(xp.heavy) > 1
+    BlockedPLS(xp)                                   # as built: accepted
+    for bad in (xp.heavy[::-1], np.array([xp.m1], dtype=np.int64)):
+        xp.heavy = np.ascontiguousarray(bad)
+        with pytest.raises(ValueError, match="heavy"):
+            BlockedPLS(xp)
+
+
 def test_threaded_row_wise_downdate_matches_one_thread(monkeypatch):
     """The OpenMP row loop (forced on for a small model) gives the one-thread factor."""
     import lmmfast
