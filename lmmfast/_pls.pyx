@@ -550,6 +550,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _thread_request():
+    """``LMMFAST_NUM_THREADS`` as a number of threads (at least 1), None when unset: the one
+    place that reads it."""
+    env = os.environ.get("LMMFAST_NUM_THREADS", "").strip()
+    if not env:
+        return None
+    try:
+        return max(1, int(env))
+    except ValueError:
+        raise ValueError(f"LMMFAST_NUM_THREADS must be a whole number of threads, "
+                         f"not {env!r}") from None
+
+
 def _n_threads() -> int:
     """Threads for the row-parallel downdate: ``LMMFAST_NUM_THREADS`` when set, else the
     CPUs this process may use (at most 8; each call then also stays within OpenMP's own
@@ -558,13 +571,9 @@ def _n_threads() -> int:
 
     if not OPENMP:
         return 1
-    env = os.environ.get("LMMFAST_NUM_THREADS", "").strip()
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise ValueError(f"LMMFAST_NUM_THREADS must be a whole number of threads, "
-                             f"not {env!r}") from None
+    req = _thread_request()
+    if req is not None:
+        return req
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -684,7 +693,7 @@ cdef class BlockedFactor:
             if float((nr[rowwise] ** 2).sum()) * self.k1 > THREAD_MIN_WORK:
                 self.nthreads = _n_threads()
         # LMMFAST_NUM_THREADS is obeyed as given; otherwise OpenMP's limit applies per call
-        self.fixed_threads = bool(os.environ.get("LMMFAST_NUM_THREADS", "").strip())
+        self.fixed_threads = self.nthreads > 1 and _thread_request() is not None
         self.acc = np.zeros(self.D * self.nthreads)       # one accumulator row per thread
         self.accv = self.acc
         # the X/y rows' downdate (xy_accumulate): W (nz × nxy) then XX (nxy × nxy)
