@@ -323,6 +323,20 @@ def level_xy_sums_reference(codes, m, Z, X, y):
     return out
 
 
+def _check_panels(indptr, rows, P, Py_ssize_t D):
+    """Validate a panel pattern and its panels (for :func:`panel_dot` and
+    :func:`panel_scatter`); return the number of levels."""
+    cdef Py_ssize_t m = indptr.shape[0] - 1, nnz = rows.shape[0]
+    if m < 0 or P.shape[0] != nnz:
+        raise ValueError("P must have one row per entry of rows, and indptr at least one entry")
+    ip = np.asarray(indptr)
+    if ip[0] != 0 or ip[m] != nnz or np.any(np.diff(ip) < 0):
+        raise ValueError("indptr must rise from 0 to len(rows)")
+    if nnz and (np.asarray(rows).min() < 0 or np.asarray(rows).max() >= D):
+        raise ValueError(f"rows must lie in [0, {D})")
+    return m
+
+
 def panel_dot(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
               const double[:, ::1] P, const double[::1] w):
     """Each level's panel transposed times ``w`` on its rows: ``out[j] = P_j' w[rows_j]``.
@@ -342,16 +356,8 @@ def panel_dot(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
     (m, k) array, m = ``len(indptr) - 1``; a level with an empty panel gets zeros.
     Oracle: :func:`panel_dot_reference`.
     """
-    cdef Py_ssize_t m = indptr.shape[0] - 1, k = P.shape[1], D = w.shape[0], j, t, c
-    cdef Py_ssize_t nnz = rows.shape[0]
-    if m < 0 or P.shape[0] != nnz:
-        raise ValueError("P must have one row per entry of rows, and indptr at least one entry")
-    ip = np.asarray(indptr)
-    if ip[0] != 0 or ip[m] != nnz or np.any(np.diff(ip) < 0):
-        raise ValueError("indptr must rise from 0 to len(rows)")
-    if nnz and (np.asarray(rows).min() < 0 or np.asarray(rows).max() >= D):
-        raise ValueError("rows must lie in [0, len(w))")
-    out = np.zeros((max(m, 0), k))
+    cdef Py_ssize_t m = _check_panels(indptr, rows, P, w.shape[0]), k = P.shape[1], j, t, c
+    out = np.zeros((m, k))
     cdef double[:, ::1] o = out
     cdef double s
     with nogil:
@@ -379,16 +385,9 @@ def panel_scatter(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
 
     Oracle: :func:`panel_scatter_reference`.
     """
-    cdef Py_ssize_t m = indptr.shape[0] - 1, k = P.shape[1], j, t, c
-    cdef Py_ssize_t nnz = rows.shape[0]
-    if m < 0 or P.shape[0] != nnz or B.shape[0] != m or B.shape[1] != k:
-        raise ValueError("P must have one row per entry of rows and B one row per level, "
-                         "both with the panels' columns")
-    ip = np.asarray(indptr)
-    if ip[0] != 0 or ip[m] != nnz or np.any(np.diff(ip) < 0):
-        raise ValueError("indptr must rise from 0 to len(rows)")
-    if nnz and (np.asarray(rows).min() < 0 or np.asarray(rows).max() >= D):
-        raise ValueError("rows must lie in [0, D)")
+    cdef Py_ssize_t m = _check_panels(indptr, rows, P, D), k = P.shape[1], j, t, c
+    if B.shape[0] != m or B.shape[1] != k:
+        raise ValueError("B must have one row per level and the panels' columns")
     out = np.zeros(max(D, 0))
     cdef double[::1] o = out
     cdef double s

@@ -161,6 +161,11 @@ def test_panel_dot_rejects_bad_input():
         _remat.panel_dot(np.array([0, 1], dtype=np.int64), rows, P, np.ones(4))
     with pytest.raises(ValueError, match="one row"):
         _remat.panel_dot(indptr, rows, np.ones((3, 1)), np.ones(4))
+    # panel_scatter shares these checks and adds B's shape
+    with pytest.raises(ValueError, match="rows"):
+        _remat.panel_scatter(indptr, rows, P, np.ones((1, 1)), 3)
+    with pytest.raises(ValueError, match="B must"):
+        _remat.panel_scatter(indptr, rows, P, np.ones((2, 1)), 4)
 
 
 @settings(max_examples=60, deadline=None)
