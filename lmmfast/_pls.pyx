@@ -358,6 +358,18 @@ cdef int update_blocked_core(
     return 0
 
 
+cdef Py_ssize_t batched_width(const cnp.int64_t* batch, Py_ssize_t nbatch,
+                              const cnp.int64_t* indptr, Py_ssize_t k1) noexcept nogil:
+    """Doubles of the scratch that holds a batch's panels side by side (the widest batch
+    of several levels; at least 1)."""
+    cdef Py_ssize_t bi, w = 1
+    for bi in range(nbatch):
+        if batch[bi + 1] - batch[bi] > 1:
+            w = max(w, (indptr[batch[bi] + 1] - indptr[batch[bi]]) * k1
+                    * (batch[bi + 1] - batch[bi]))
+    return w
+
+
 def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                    const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
                    const double[:, ::1] A21, const double[:, ::1] A22, Py_ssize_t nz,
@@ -442,7 +454,7 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
     cdef double[::1] bufv = buf
     if batch is None:
         batch = np.arange(m1 + 1, dtype=np.int64)
-    cdef Py_ssize_t nbatch = batch.shape[0] - 1, bi, wmax = 1
+    cdef Py_ssize_t nbatch = batch.shape[0] - 1, bi, wmax
     if nbatch < 0 or batch[0] != 0 or batch[nbatch] != m1:
         raise ValueError("batch must run from 0 to m1")
     for bi in range(nbatch):
@@ -454,7 +466,7 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
                         or rows[indptr[j]] != rows[indptr[batch[bi]]]
                         or rows[indptr[j + 1] - 1] - rows[indptr[j]] != indptr[j + 1] - indptr[j] - 1):
                     raise ValueError("levels of a batch must share one contiguous run of rows")
-            wmax = max(wmax, (indptr[batch[bi] + 1] - indptr[batch[bi]]) * k1 * (batch[bi + 1] - batch[bi]))
+    wmax = batched_width(&batch[0], nbatch, &indptr[0], k1)
     hflag_arr, hchunk, hb = _heavy_setup(heavy, batch, m1, k1, D)
     if check_only:
         return 0
@@ -645,15 +657,11 @@ cdef class BlockedFactor:
         self.m1, self.k1, self.D, self.nz = xp.m1, xp.k1, xp.D, xp.nz
         self.nbatch = len(xp.batch) - 1
         self.n, self.p = xp.n, xp.p
-        cdef Py_ssize_t nrmax = max_panel(xp.indptr), wmax = 1
+        cdef Py_ssize_t nrmax = max_panel(xp.indptr)
         self.use_buf = nrmax * self.k1 >= BLAS_MIN
         self.buf = np.empty(min(nrmax, GATHER_MAX) ** 2 if self.use_buf else 1)
-        bt, ip = np.asarray(xp.batch), np.asarray(xp.indptr)
-        bsize = np.diff(bt)
-        multi = bt[:len(bt) - 1][bsize > 1]           # first level of each batch of several
-        if len(multi):                                # their panels side by side (wbuf)
-            wmax = max(1, int(((ip[multi + 1] - ip[multi]) * self.k1 * bsize[bsize > 1]).max()))
-        self.wbuf = np.empty(wmax)
+        self.wbuf = np.empty(batched_width(&self.batch[0], self.nbatch, &self.indptr[0],
+                                           self.k1))
         self.rbuf = np.empty(2 * self.k1 * self.k1 + self.k1)
         self.bufv, self.wbufv, self.rbufv = self.buf, self.wbuf, self.rbuf
         self.transposed = xp.tptr is not None
