@@ -75,7 +75,7 @@ def design(rhs: str, frame: pd.DataFrame, what: str):
     A simple right-hand side over numeric columns is built directly; everything else
     by formulaic (treatment contrasts, levels in sorted order, R's column order)."""
     simple = _simple_terms(rhs)
-    if simple is not None and all(_plain_numeric(frame[c].dtype) for c in simple[1]):
+    if simple is not None and all(_plain_numeric(dtype_of(frame, c)) for c in simple[1]):
         spec = SimpleSpec(*simple)
         return spec.get_model_matrix(frame), spec.column_names(), spec, None
     import formulaic
@@ -185,23 +185,33 @@ def _required(formula: str, what: str) -> set:
 
 
 class ColumnFrame:
-    """The used columns of the model frame, as Series, built column by column on demand.
+    """The used columns of the model frame, as arrays or Series, built column by column on
+    demand.
 
     A pandas DataFrame of the used columns costs ~0.3 ms to build even for 180 rows, most
-    of a small model's set-up; most models only need a few columns as arrays.  Columns
-    come from the user's frame restricted to complete rows (a new Series: the user's
+    of a small model's set-up, and even one Series ~18 µs; most models only need a few
+    numeric columns as arrays (:meth:`array_of`, :meth:`dtype_of`).  Series come from the
+    user's frame restricted to complete rows (a new Series: the user's
     frame is never touched), categoricals with unused categories dropped (lme4's
     ``drop.unused.levels``).  :meth:`to_pandas` materialises a DataFrame for formulaic.
     """
 
-    def __init__(self, data, used: list, complete, n: int, arrays=None):
+    def __init__(self, data, used: list, complete, n: int, arrays=None, dtypes=None):
         self._data, self.columns = data, list(used)
         self._mask = complete                  # None: every row is complete
         self._cache = {}
         self._arrays = dict(arrays or {})      # full-length numpy values already fetched
+        self._dtypes = dict(dtypes or {})      # the columns' dtypes in ``data``
         self._values = {}
         self._df = None
         self._n = n
+
+    def dtype_of(self, name):
+        """The column's dtype, without building its Series where the data's numpy dtype
+        is already known (pandas' own dtypes come from the Series, whose categories may
+        differ from the data's: unused ones dropped)."""
+        dt = self._dtypes.get(name)
+        return dt if isinstance(dt, np.dtype) else self[name].dtype
 
     def array_of(self, name) -> np.ndarray:
         """The column's values as a numpy array over the complete rows (cached).
@@ -267,6 +277,28 @@ def _plain_index(idx) -> bool:
     return isinstance(idx, pd.RangeIndex) and idx.start == 0 and idx.step == 1
 
 
+def _column_array(data: pd.DataFrame, loc: int):
+    """The values of ``data``'s column at position ``loc``: a numpy array, or pandas' own
+    array (Categorical, nullable, strings).  Read through pandas' internal accessor where
+    it has one (~1 µs; a Series costs ~18 µs to build, a fifth of a small model's frame),
+    else through a Series.  Never written to."""
+    get = getattr(data, "_get_column_array", None)
+    if get is not None:
+        try:
+            arr = get(loc)
+        except Exception:           # an accessor that changed meaning: the public way
+            arr = None
+        if isinstance(arr, np.ndarray) or isinstance(arr, pd.api.extensions.ExtensionArray):
+            return arr
+    col = data.iloc[:, loc]
+    return col.to_numpy() if isinstance(col.dtype, np.dtype) else col.array
+
+
+def dtype_of(frame, name):
+    """A column's dtype in a model frame (:meth:`ColumnFrame.dtype_of`) or a DataFrame."""
+    return frame.dtype_of(name) if isinstance(frame, ColumnFrame) else frame[name].dtype
+
+
 def as_pandas(frame) -> pd.DataFrame:
     return frame.to_pandas() if isinstance(frame, ColumnFrame) else frame
 
@@ -312,26 +344,28 @@ def model_frame(mf, data) -> ModelFrame:
     for bar in mf.bars:
         need(_required("~ " + bar.lhs, f"random-effects term {bar}"), f"random-effects term {bar}")
         need(set(bar.factors), f"the grouping factor of random-effects term {bar}")
-    series = {c: data[c] for c in used}         # each column fetched once (~20 µs apiece)
     missing = []                                # per column with missing values: the mask
     arrays = {}                                 # numpy values, converted once
+    dtypes = {}
     for c in used:
-        col = series[c]
-        if isinstance(col, pd.DataFrame):       # a label the data holds more than once
-            raise DataError(f"the data has {col.shape[1]} columns named {c!r}; the model "
-                            "cannot tell which to use: rename or drop the duplicates")
-        dt = col.dtype
+        loc = cols.get_loc(c)
+        if not isinstance(loc, (int, np.integer)):      # a label the data holds more than once
+            raise DataError(f"the data has {int(np.count_nonzero(cols == c))} columns named "
+                            f"{c!r}; the model cannot tell which to use: rename or drop the "
+                            "duplicates")
+        raw = _column_array(data, int(loc))
+        dt = dtypes[c] = raw.dtype
         if isinstance(dt, np.dtype) and dt.kind == "c":
             raise DataError(f"column {c!r} holds complex numbers; a mixed model's variables "
                             "are real: use its real part, modulus or angle as a column")
         if isinstance(dt, pd.CategoricalDtype):                     # missing: code -1
-            miss = col.array.codes < 0
+            miss = raw.codes < 0
         else:
-            arr = arrays[c] = col.to_numpy()
+            arr = arrays[c] = raw if isinstance(raw, np.ndarray) else raw.to_numpy()
             if arr.dtype.kind in "iub":                             # never missing
                 continue
             if not isinstance(dt, np.dtype):    # pandas' own arrays (strings, nullable):
-                miss = np.asarray(col.array.isna(), dtype=bool)     # their mask, no object scan
+                miss = np.asarray(raw.isna(), dtype=bool)           # their mask, no object scan
             else:
                 miss = np.isnan(arr) if arr.dtype.kind in "fc" else pd.isna(arr)
         if miss.any():
@@ -346,7 +380,7 @@ def model_frame(mf, data) -> ModelFrame:
         raise DataError(f"no rows left after dropping the {n_drop} rows with a missing value in "
                         f"the model's columns ({', '.join(used)})")
     row_index = data.index[complete] if n_drop else data.index
-    frame = ColumnFrame(series, used, complete, n, arrays)
+    frame = ColumnFrame(data, used, complete, n, arrays, dtypes)
     return ModelFrame(frame, n_drop, row_index)
 
 
@@ -354,14 +388,13 @@ def response(mf, frame: pd.DataFrame) -> np.ndarray:
     """The response vector; it must be numeric and not constant."""
     name = mf.response
     if name in frame:
-        col = frame[name]
-        dt = col.dtype
+        dt = dtype_of(frame, name)
         if not ((isinstance(dt, np.dtype) and dt.kind in "iufb")
                 or pd.api.types.is_numeric_dtype(dt) or pd.api.types.is_bool_dtype(dt)):
-            raise DataError(f"response {name!r} must be numeric, but its dtype is {col.dtype}; "
+            raise DataError(f"response {name!r} must be numeric, but its dtype is {dt}; "
                             "convert it (e.g. pd.to_numeric) before fitting")
         y = (np.asarray(frame.array_of(name), dtype=np.float64) if isinstance(frame, ColumnFrame)
-             and isinstance(dt, np.dtype) else col.to_numpy(dtype=np.float64))
+             and isinstance(dt, np.dtype) else frame[name].to_numpy(dtype=np.float64))
     else:
         import formulaic
 

@@ -30,17 +30,18 @@ def lme4_name(name: str) -> str:
     return ":".join(_LEVEL.sub(r"\1", part) for part in name.split(":"))
 
 
-def factor_codes(col: pd.Series, values=None, used_only: bool = False):
+def factor_codes(col, values=None, used_only: bool = False):
     """Codes 0..m-1, level labels and level values of a column used as a factor.
 
     Levels are sorted as R's ``factor()`` does under ``sort(method = "radix")``: strings
     in byte order, numbers numerically, a pandas Categorical in its category order
     (unused categories dropped).  ``values``: the column's numpy values when already at
     hand, a model frame's (no missing values: short object columns are then coded by a
-    dict); ignored for a Categorical.  ``used_only``: a Categorical known to use all its
-    categories (a model frame's columns).
+    dict); ignored for a Categorical; ``col`` may then be None when the values are a
+    numpy array.  ``used_only``: a Categorical known to use all its categories (a model
+    frame's columns).
     """
-    if isinstance(col.dtype, pd.CategoricalDtype):
+    if col is not None and isinstance(col.dtype, pd.CategoricalDtype):
         from .fixed import drop_unused_categories
 
         arr = (col if used_only else drop_unused_categories(col)).array
@@ -106,14 +107,15 @@ def grouping_factor(frame, factors: tuple, term: str):
         if f not in frame:
             raise MissingColumnError(f"grouping factor {f!r} of random-effects term {term} "
                                      f"is not a column of the data")
-        col = frame[f]
         array_of = getattr(frame, "array_of", None)     # a model frame (unused levels dropped)
         if array_of is None:
-            c, lab, idx = factor_codes(col)
-        elif isinstance(col.dtype, pd.CategoricalDtype):
-            c, lab, idx = factor_codes(col, used_only=True)
+            c, lab, idx = factor_codes(frame[f])
+        elif isinstance(frame.dtype_of(f), np.dtype):   # its numpy values: no Series needed
+            c, lab, idx = factor_codes(None, array_of(f))
+        elif isinstance(frame.dtype_of(f), pd.CategoricalDtype):
+            c, lab, idx = factor_codes(frame[f], used_only=True)
         else:
-            c, lab, idx = factor_codes(col, array_of(f))
+            c, lab, idx = factor_codes(frame[f], array_of(f))
         values.append(idx)
         if len(factors) == 1:
             return c, lab, GroupEncoder(tuple(factors), values, steps)

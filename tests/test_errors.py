@@ -306,3 +306,31 @@ def test_duplicate_column_names_are_named(df):
 
 def test_complex_columns_are_refused(df):
     _raises(DataError, "y ~ x + (1 | g)", df.assign(x=df["x"] + 1j), "'x'", "complex")
+
+
+def test_model_frame_without_pandas_internal_column_accessor(df, monkeypatch):
+    """The model frame reads columns through pandas' internal accessor when it has one;
+    through Series otherwise (a pandas without it, or one whose accessor fails): same
+    rows, same levels, same fit, over numeric, nullable, categorical and text columns."""
+    d = df.assign(k=pd.array(np.arange(len(df)) % 5, dtype="Int64"),
+                  c=pd.Categorical(df["h"], categories=["w", "v", "u", "unused"]),
+                  t=df["s"].astype("string"), i=np.arange(len(df)) % 4)
+    d.loc[6, "k"] = pd.NA
+    d.loc[[2, 9], "c"] = np.nan
+    d.loc[11, "x"] = np.nan
+    formula = "y ~ x + k + c + t + i + (1 | g) + (1 | c:t)"
+    ref = lmmfast.lmer(formula, d)
+    assert ref.nobs == len(d) - 4
+    for how in ("fails", "absent"):
+        with monkeypatch.context() as mp:
+            if how == "fails":
+                def broken(self, i):
+                    raise AttributeError("changed")
+                mp.setattr(pd.DataFrame, "_get_column_array", broken, raising=False)
+            else:
+                mp.delattr(pd.DataFrame, "_get_column_array", raising=False)
+            fit = lmmfast.lmer(formula, d)
+        assert fit.nobs == ref.nobs
+        assert list(fit.fixef.index) == list(ref.fixef.index)
+        assert list(fit.ranef["c:t"].index) == list(ref.ranef["c:t"].index)
+        assert fit.objective == pytest.approx(ref.objective, rel=1e-12)
