@@ -187,6 +187,48 @@ cdef void xy_accumulate(const double* v, Py_ssize_t nr, Py_ssize_t k1,
             XX[a * nxy + b] += s
 
 
+cdef inline int level2(const double* A, const double* T, double* L, const double* a21,
+                       double* v, Py_ssize_t nr) noexcept nogil:
+    """One level of a first term with k1 = 2: ``L <- chol(T' A T + I)`` (row-major 2×2,
+    upper entry 0) and the panel ``v <- a21 T L^{-T}`` (nr × 2), the products of
+    ``rows_tmul``, ``cols_mul``, ``chol_small``, ``right_factor`` and ``rows_times``
+    written out for T lower triangular; -1 when T' A T + I is not positive definite."""
+    cdef double t00 = T[0], t10 = T[2], t11 = T[3]
+    cdef double b00 = t00 * A[0] + t10 * A[2]          # T' A (row 1: t11 A[1, :])
+    cdef double b01 = t00 * A[1] + t10 * A[3]
+    cdef double b10 = t11 * A[2], b11 = t11 * A[3]
+    cdef double m00 = (b00 * t00 + b01 * t10) + 1.0    # (T' A) T + I, lower triangle
+    cdef double m10 = b10 * t00 + b11 * t10
+    cdef double m11 = b11 * t11 + 1.0
+    cdef double l00, l10, l11, i00, i10, i11, r00, r01, r10, r11, x0, x1
+    cdef Py_ssize_t t
+    if not (m00 > 0.0):
+        return -1
+    l00 = sqrt(m00)
+    l10 = m10 / l00
+    m11 = m11 - l10 * l10
+    if not (m11 > 0.0):
+        return -1
+    l11 = sqrt(m11)
+    L[0] = l00
+    L[1] = 0.0
+    L[2] = l10
+    L[3] = l11
+    i00 = 1.0 / l00                                    # L^{-1}
+    i11 = 1.0 / l11
+    i10 = -(l10 * i00) / l11
+    r00 = t00 * i00                                    # R = T L^{-T}
+    r01 = t00 * i10
+    r10 = t10 * i00
+    r11 = t10 * i10 + t11 * i11
+    for t in range(nr):
+        x0 = a21[2 * t]
+        x1 = a21[2 * t + 1]
+        v[2 * t] = x0 * r00 + x1 * r10
+        v[2 * t + 1] = x0 * r01 + x1 * r11
+    return 0
+
+
 cdef int update_blocked_core(
         const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
         const cnp.int64_t* indptr, const cnp.int64_t* rows, const double* A21,
@@ -264,6 +306,19 @@ cdef int update_blocked_core(
                 else:
                     for t in range(nr):
                         v[t] = ((A21[p0 + t] * T1[0]) * rscale[rows[p0 + t]]) * s
+            elif k1 == 2:
+                # ---- a 2×2 first term (intercept and slope, the commonest): the steps
+                # below in closed form (loops over k1 = 2 cost most of a small model's
+                # evaluation)
+                if level2(A11 + j * 4, T1, L11 + j * 4, A21 + p0 * 2, v, nr) != 0:
+                    return -1
+                if groups:
+                    lam_rows(v, nr, 2, rows + p0, rscale, rk, rtoff, Tflat)
+                else:
+                    for t in range(nr):
+                        s = rscale[rows[p0 + t]]
+                        v[2 * t] *= s
+                        v[2 * t + 1] *= s
             else:
                 # ---- L11[j] = chol(T1' A11[j] T1 + I)
                 blk = L11 + j * k1 * k1
