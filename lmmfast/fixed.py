@@ -207,11 +207,13 @@ class ColumnFrame:
         self._n = n
 
     def dtype_of(self, name):
-        """The column's dtype, without building its Series where the data's numpy dtype
-        is already known (pandas' own dtypes come from the Series, whose categories may
-        differ from the data's: unused ones dropped)."""
+        """The column's dtype, without building its Series where it is the data's own:
+        all but categoricals (unused categories dropped) and pandas' nullable strings
+        (taken as Python strings, see :meth:`__getitem__`)."""
         dt = self._dtypes.get(name)
-        return dt if isinstance(dt, np.dtype) else self[name].dtype
+        if dt is None or isinstance(dt, pd.CategoricalDtype) or _na_strings(dt):
+            return self[name].dtype
+        return dt
 
     def array_of(self, name) -> np.ndarray:
         """The column's values as a numpy array over the complete rows (cached).
@@ -245,7 +247,7 @@ class ColumnFrame:
             col = col.reset_index(drop=True) if not _plain_index(col.index) else col
             if isinstance(col.dtype, pd.CategoricalDtype):
                 col = drop_unused_categories(col)
-            elif isinstance(col.dtype, pd.StringDtype) and col.dtype.na_value is pd.NA:
+            elif _na_strings(col.dtype):
                 # formulaic takes pandas' nullable "string" columns for numbers (and X then
                 # fails to convert); as Python strings they are a factor like any text
                 col = col.astype(object)
@@ -257,6 +259,11 @@ class ColumnFrame:
         if self._df is None:
             self._df = pd.DataFrame({c: self[c] for c in self.columns})
         return self._df
+
+
+def _na_strings(dtype) -> bool:
+    """pandas' nullable ``"string"`` dtype (missing value pd.NA)."""
+    return isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA
 
 
 def drop_unused_categories(col: pd.Series) -> pd.Series:

@@ -37,8 +37,8 @@ def factor_codes(col, values=None, used_only: bool = False):
     in byte order, numbers numerically, a pandas Categorical in its category order
     (unused categories dropped).  ``values``: the column's numpy values when already at
     hand, a model frame's (no missing values: short object columns are then coded by a
-    dict); ignored for a Categorical; ``col`` may then be None when the values are a
-    numpy array.  ``used_only``: a Categorical known to use all its categories (a model
+    dict); ignored for a Categorical; ``col`` may then be None (the values are not a
+    Categorical's).  ``used_only``: a Categorical known to use all its categories (a model
     frame's columns).
     """
     if col is not None and isinstance(col.dtype, pd.CategoricalDtype):
@@ -110,12 +110,10 @@ def grouping_factor(frame, factors: tuple, term: str):
         array_of = getattr(frame, "array_of", None)     # a model frame (unused levels dropped)
         if array_of is None:
             c, lab, idx = factor_codes(frame[f])
-        elif isinstance(frame.dtype_of(f), np.dtype):   # its numpy values: no Series needed
-            c, lab, idx = factor_codes(None, array_of(f))
         elif isinstance(frame.dtype_of(f), pd.CategoricalDtype):
             c, lab, idx = factor_codes(frame[f], used_only=True)
-        else:
-            c, lab, idx = factor_codes(frame[f], array_of(f))
+        else:                                           # its values: no Series needed
+            c, lab, idx = factor_codes(None, array_of(f))
         values.append(idx)
         if len(factors) == 1:
             return c, lab, GroupEncoder(tuple(factors), values, steps)
