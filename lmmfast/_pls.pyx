@@ -581,19 +581,48 @@ def symmetrize_lower(double[:, ::1] A):
                 A[c, r] = A[r, c]
 
 
+cdef struct LogSum:
+    double acc       # logs taken so far
+    double prod      # the product of the factors since
+    int count        # ... and how many
+
+
+cdef inline void logsum_add(LogSum* s, double d) noexcept nogil:
+    """Add log(d): factors within 1e±100 are multiplied and their product's log taken
+    every 64 factors or when it leaves 1e±200 (no overflow; a small model's evaluation
+    otherwise spends a fifth of its time in log), others (and 0, NaN) logged at once."""
+    if 1e-100 < d < 1e100:
+        s.prod *= d
+        s.count += 1
+        if s.count == 64 or not (1e-200 < s.prod < 1e200):
+            s.acc += log(s.prod)
+            s.prod = 1.0
+            s.count = 0
+    else:
+        s.acc += log(d)
+
+
+cdef inline double logsum_total(LogSum* s) noexcept nogil:
+    return s.acc + log(s.prod)
+
+
 cdef void logdets_core(const double[:, :, ::1] L11, const double[:, ::1] L22, Py_ssize_t nz,
                        double* ldz, double* ldx, double* r2) noexcept nogil:
     cdef Py_ssize_t m1 = L11.shape[0], k1 = L11.shape[1], D = L22.shape[0], j, a
-    cdef double lz = 0.0, lx = 0.0, r
+    cdef LogSum lz, lx
+    cdef double r
+    lz.acc = lx.acc = 0.0
+    lz.prod = lx.prod = 1.0
+    lz.count = lx.count = 0
     for j in range(m1):
         for a in range(k1):
-            lz += log(L11[j, a, a])
+            logsum_add(&lz, L11[j, a, a])
     for a in range(nz):
-        lz += log(L22[a, a])
+        logsum_add(&lz, L22[a, a])
     for a in range(nz, D - 1):
-        lx += log(L22[a, a])
+        logsum_add(&lx, L22[a, a])
     r = L22[D - 1, D - 1]
-    ldz[0], ldx[0], r2[0] = 2.0 * lz, 2.0 * lx, r * r
+    ldz[0], ldx[0], r2[0] = 2.0 * logsum_total(&lz), 2.0 * logsum_total(&lx), r * r
 
 
 def logdets(const double[:, :, ::1] L11, const double[:, ::1] L22, Py_ssize_t nz):

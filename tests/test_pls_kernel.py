@@ -210,6 +210,42 @@ def test_logdets_equal_dense_diagonal(mt):
     assert len(d) == q + p + 1
 
 
+@settings(max_examples=60, deadline=None, database=None)
+@given(st.integers(1, 3000), st.integers(1, 3), st.integers(0, 40), st.integers(0, 2 ** 31))
+def test_logdets_over_extreme_diagonals(m1, k1, D, seed):
+    """The log-determinants multiply diagonals before taking logs: diagonals from 1e-250
+    to 1e250 (products far beyond double range), runs of values near 1, zeros: the sum
+    of numpy's logs (-inf with a zero)."""
+    rng = np.random.default_rng(seed)
+    D = D + 2
+    nz = int(rng.integers(0, D - 1))
+
+    def diag(n):
+        kind = rng.integers(0, 4, n)
+        return np.where(kind == 0, 10.0 ** rng.uniform(-250, 250, n),
+                        np.where(kind == 1, 1.0 + rng.uniform(0, 1e-3, n),
+                                 rng.uniform(0.5, 1e6, n)))
+
+    L11 = np.zeros((m1, k1, k1))
+    L11[:, np.arange(k1), np.arange(k1)] = diag(m1 * k1).reshape(m1, k1)
+    L22 = np.eye(D)
+    L22[np.arange(D), np.arange(D)] = diag(D)
+    L22[-1, -1] = rng.uniform(0.5, 10.0)          # r, the residual's root
+    if seed % 7 == 0:
+        L11[m1 // 2, 0, 0] = 0.0
+    ldz, ldx, r2 = _pls.logdets(L11, L22, nz)
+    with np.errstate(divide="ignore"):
+        want_z = 2 * (np.log(np.diagonal(L11, axis1=1, axis2=2)).sum()
+                      + np.log(L22.diagonal()[:nz]).sum())
+    want_x = 2 * np.log(L22.diagonal()[nz:D - 1]).sum()
+    if np.isinf(want_z):
+        assert ldz == want_z
+    else:
+        assert ldz == pytest.approx(want_z, rel=1e-12, abs=1e-9)
+    assert ldx == pytest.approx(want_x, rel=1e-12, abs=1e-9)
+    assert r2 == pytest.approx(L22[-1, -1] * L22[-1, -1], rel=1e-15)
+
+
 @HSETTINGS
 @given(structures())
 def test_blocked_pls_factor_and_objective(mt):
