@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmmfast import FormulaError, LinearMixedModel, RankDeficiencyWarning
 from lmmfast.bars import Bar, parse_formula
@@ -272,6 +274,30 @@ def test_factor_codes_agree_with_pandas_sorted_factorize():
             codes, levels, _ = got
             np.testing.assert_array_equal(codes, ref_codes)
             assert levels == [str(u) for u in ref_uniq]
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(st.sampled_from(["int8", "uint8", "int16", "int32", "int64", "uint64", "bool"]),
+       st.integers(1, 300), st.integers(0, 2 ** 31), st.sampled_from([2, 50, 10 ** 6]))
+def test_integer_levels_by_table_or_sort_agree_with_numpy_unique(dtype, n, seed, spread):
+    """Short integer and boolean columns, over the whole range of each type (int8 from
+    -128 to 127, uint64 near 2^64): numpy's sorted levels and codes, levels in the
+    column's own type."""
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype) if dtype != "bool" else None
+    if info is None:
+        vals = rng.integers(0, 2, n).astype(bool)
+    else:
+        lo = [int(info.min), int(info.max) - spread, 0][int(rng.integers(0, 3))]
+        lo = max(lo, int(info.min))
+        hi = min(int(info.max), lo + spread)
+        vals = rng.integers(lo, hi, n, endpoint=True, dtype=dtype)
+    codes, levels, idx = factor_codes(None, vals)
+    ref_uniq, ref_codes = np.unique(vals, return_inverse=True)
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(idx, ref_uniq)
+    assert np.asarray(idx).dtype == vals.dtype
+    assert levels == [str(u) for u in ref_uniq.tolist()]
 
 
 def test_long_columns_take_the_hash_path_with_the_same_codes():
