@@ -133,7 +133,10 @@ def design_cells(formula, frame, most: float = 0.25):
             cc, k = col.array.codes, len(dt.categories)
             decode.append(lambda u, dt=dt: pd.Categorical.from_codes(u, dtype=dt))
         elif dt == object or isinstance(dt, pd.StringDtype):
-            cc, uniq = pd.factorize(col)
+            # a model frame's numpy values: pandas hashes an object array about three
+            # times faster than a Series of its "str" dtype (8 -> 3 ms on 73k rows)
+            cc, uniq = pd.factorize(frame.array_of(c) if isinstance(frame, ColumnFrame)
+                                    else col)
             k = len(uniq)
             decode.append(lambda u, uniq=uniq, dt=dt: pd.array(np.asarray(uniq, dtype=object)[u],
                                                                 dtype=dt))
