@@ -401,9 +401,10 @@ def test_transposed_downdate_matches_per_level_and_dense(formula):
     assert fb == pytest.approx(dense_objective(Z, X, y, Lam, True), rel=1e-9)
 
 
-def test_symmetrize_lower_matches_numpy():
+@pytest.mark.parametrize("n", [0, 1, 37, 64, 65, 200])
+def test_symmetrize_lower_matches_numpy(n):
     rng = np.random.default_rng(5)
-    A = rng.normal(size=(37, 37))
+    A = rng.normal(size=(n, n))
     ref = np.tril(A) + np.tril(A, -1).T
     _pls.symmetrize_lower(A)
     np.testing.assert_array_equal(A, ref)
