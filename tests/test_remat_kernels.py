@@ -21,6 +21,28 @@ def test_pair_codes_match_numpy_unique(n, ma, mb, seed):
         np.testing.assert_array_equal(g, r)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 20000), st.integers(1, 3), st.integers(1, 5000),
+       st.sampled_from(["random", "ascending", "descending", "few", "organ"]),
+       st.integers(0, 2**31 - 1))
+def test_pair_codes_with_many_partners_per_level(n, ma, mb, pattern, seed):
+    """Levels of a with hundreds to thousands of distinct partners in b (the per-level
+    sort's quicksort, not only its insertion sort), arriving in sorted, reversed,
+    organ-pipe or heavily repeated order."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, ma, n)
+    b = {"random": rng.integers(0, mb, n),
+         "ascending": np.sort(rng.integers(0, mb, n)),
+         "descending": np.sort(rng.integers(0, mb, n))[::-1].copy(),
+         "few": rng.integers(0, min(mb, 3), n),
+         "organ": np.abs(np.arange(n) - n // 2) % mb}[pattern].astype(np.int64)
+    got = _remat.pair_codes(a, ma, b, mb)
+    ref = _remat.pair_codes_reference(a, ma, b, mb)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+        assert g.flags.c_contiguous and g.flags.owndata and g.dtype == np.int64
+
+
 def test_pair_codes_rejects_bad_codes():
     a = np.array([0, 1, 2], dtype=np.int64)
     with pytest.raises(ValueError, match="levels"):
