@@ -291,17 +291,24 @@ def _column_array(data: pd.DataFrame, loc: int):
     """The values of ``data``'s column at position ``loc``: a numpy array, or pandas' own
     array (Categorical, nullable, strings).  Read through pandas' internal accessor where
     it has one (~1 µs; a Series costs ~18 µs to build, a fifth of a small model's frame),
-    else through a Series.  Never written to."""
+    else through a Series.  numpy values come as a read-only view: they are the user's
+    memory, which the model never writes."""
     get = getattr(data, "_get_column_array", None)
+    arr = None
     if get is not None:
         try:
             arr = get(loc)
         except Exception:           # an accessor that changed meaning: the public way
             arr = None
-        if isinstance(arr, np.ndarray) or isinstance(arr, pd.api.extensions.ExtensionArray):
-            return arr
-    col = data.iloc[:, loc]
-    return col.to_numpy() if isinstance(col.dtype, np.dtype) else col.array
+        if not isinstance(arr, (np.ndarray, pd.api.extensions.ExtensionArray)):
+            arr = None
+    if arr is None:
+        col = data.iloc[:, loc]
+        arr = col.to_numpy() if isinstance(col.dtype, np.dtype) else col.array
+    if isinstance(arr, np.ndarray):
+        arr = arr.view()
+        arr.flags.writeable = False
+    return arr
 
 
 def dtype_of(frame, name):

@@ -334,3 +334,14 @@ def test_model_frame_without_pandas_internal_column_accessor(df, monkeypatch):
         assert list(fit.fixef.index) == list(ref.fixef.index)
         assert list(fit.ranef["c:t"].index) == list(ref.ranef["c:t"].index)
         assert fit.objective == pytest.approx(ref.objective, rel=1e-12)
+
+
+def test_model_arrays_are_never_the_users_writable_memory(df):
+    """The model frame reads the user's columns without copies: what the model holds of
+    them is read-only, so no later step can write into the user's frame."""
+    d = df.copy()
+    m = LinearMixedModel("y ~ x + (1 + x | g)", d)
+    assert not m.y.flags.writeable or not np.shares_memory(m.y, d["y"].to_numpy())
+    with pytest.raises(ValueError):
+        m.y[0] = 0.0
+    pd.testing.assert_frame_equal(d, df)
