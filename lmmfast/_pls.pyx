@@ -354,11 +354,17 @@ cdef int update_blocked_core(
             p0 = indptr[j0]
             nr = indptr[j0 + 1] - p0
             K = k1 * (j1 - j0)
-            for t in range(nr):          # row t of every level's panel: contiguous writes
-                for j in range(j0, j1):
-                    v = L21 + (indptr[j] + t) * k1
-                    for c in range(k1):
-                        wbuf[(j - j0) * k1 + c + t * K] = v[c]
+            if k1 == 1:                  # the batch's panels follow each other in L21
+                v = L21 + indptr[j0]
+                for t in range(nr):
+                    for j in range(j1 - j0):
+                        wbuf[j + t * K] = v[j * nr + t]
+            else:
+                for t in range(nr):      # row t of every level's panel: contiguous writes
+                    for j in range(j0, j1):
+                        v = L21 + (indptr[j] + t) * k1
+                        for c in range(k1):
+                            wbuf[(j - j0) * k1 + c + t * K] = v[c]
             if nr * nr * K <= SMALL_SYRK:     # tiny: plain loops beat BLAS's call overhead
                 r = rows[p0]
                 for t in range(nr):
