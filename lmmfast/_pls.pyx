@@ -359,6 +359,12 @@ cdef int update_blocked_core(
                 for t in range(nr):
                     for j in range(j1 - j0):
                         wbuf[j + t * K] = v[j * nr + t]
+            elif k1 == 2:
+                v = L21 + indptr[j0] * 2
+                for t in range(nr):
+                    for j in range(j1 - j0):
+                        wbuf[2 * j + t * K] = v[(j * nr + t) * 2]
+                        wbuf[2 * j + 1 + t * K] = v[(j * nr + t) * 2 + 1]
             else:
                 for t in range(nr):      # row t of every level's panel: contiguous writes
                     for j in range(j0, j1):
