@@ -557,7 +557,7 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
     return info
 
 
-def _single_levels(batch, Py_ssize_t m1):
+def single_levels(batch, Py_ssize_t m1):
     """Mask of the levels alone in their batch (downdated one by one: scattered, row-wise
     or, when heavy, dense)."""
     b = np.asarray(batch)
@@ -574,7 +574,7 @@ def _heavy_setup(heavy, batch, Py_ssize_t m1, Py_ssize_t k1, Py_ssize_t D):
     h = np.asarray(heavy)
     if h.ndim != 1 or np.any(h < 0) or np.any(h >= m1) or np.any(np.diff(h) <= 0):
         raise ValueError("heavy must be ascending level indices")
-    if not _single_levels(batch, m1)[h].all():
+    if not single_levels(batch, m1)[h].all():
         raise ValueError("heavy levels must each be alone in their batch")
     flags[h] = 1
     # chunks of dense columns up to 32 MB (at least one level)
@@ -778,7 +778,7 @@ cdef class BlockedFactor:
             tp, ti, tl = np.asarray(xp.tptr), np.asarray(xp.tidx), np.asarray(xp.tlev)
             ip = np.asarray(xp.indptr)
             # the levels the row-wise downdate may hold: alone in their batch, not heavy
-            rowwise = _single_levels(xp.batch, self.m1)
+            rowwise = single_levels(xp.batch, self.m1)
             rowwise[self.heavy_arr] = False
             if (len(tp) != self.D + 1 or len(ti) > self.rows.shape[0] or len(tl) != len(ti)
                     or tp[0] != 0 or tp[len(tp) - 1] != len(ti) or np.any(np.diff(tp) < 0)

@@ -83,9 +83,7 @@ class BlockedCrossprod:
             self.heavy = np.zeros(0, dtype=np.int64)
         else:
             nr = np.diff(self.indptr)
-            single = np.zeros(self.m1, dtype=bool)
-            bsize = np.diff(self.batch)
-            single[self.batch[:-1][bsize == 1]] = True
+            single = _pls.single_levels(self.batch, self.m1)
             if heavy_rows is None:   # and big enough for BLAS to pay
                 heavy = single & (nr > max(D // 8, 1)) & (nr * self.k1 >= 256)
             else:
@@ -102,8 +100,7 @@ class BlockedCrossprod:
             # dsyrk; the panels of the others, transposed (CSR -> CSC, a counting sort):
             # per random-effects row of the dense block, the levels touching it (ascending)
             # and where.  The X/y rows are downdated column-wise (``_pls.xy_accumulate``).
-            rowwise = np.zeros(self.m1, dtype=bool)       # alone in their batch, not heavy
-            rowwise[self.batch[:-1][np.diff(self.batch) == 1]] = True
+            rowwise = _pls.single_levels(self.batch, self.m1)     # not heavy either
             rowwise[self.heavy] = False
             lev = np.repeat(np.arange(self.m1, dtype=np.int64), np.diff(self.indptr))
             keep = np.flatnonzero(rowwise[lev] & (self.rows < nz))
