@@ -4,11 +4,15 @@
 >>> m = lmmfast.lmer("Reaction ~ Days + (Days | Subject)", lmmfast.datasets.load("sleepstudy"))
 >>> print(m.summary())                                          # doctest: +SKIP
 """
-from . import datasets, icc, simulate
-from .errors import (ConvergenceWarning, DataError, FormulaError, LmmError, MissingColumnError,
-                     RankDeficiencyWarning)
-from .model import LinearMixedModel, lmer
-from .results import LmerFit
+from . import threads as _threads
+
+_threads.load_kernels()     # first: OpenMP reads its wait policy once, when it is loaded
+
+from . import datasets, icc, simulate  # noqa: E402
+from .errors import (ConvergenceWarning, DataError, FormulaError, LmmError,  # noqa: E402
+                     MissingColumnError, RankDeficiencyWarning)
+from .model import LinearMixedModel, lmer  # noqa: E402
+from .results import LmerFit  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -31,6 +31,8 @@ from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_lapack cimport dpotrf
 from scipy.linalg.cython_blas cimport dgemm, dsyrk, dtrsv
 from cpython.pycapsule cimport PyCapsule_New
+from lmmfast._chol cimport (blas_restore_threads, blas_single_thread, potrf_tiled,
+                            syrk_tiled)
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
                              downdate, lam_dense_groups, lam_rows, max_panel, right_factor,
                              rows_times, rows_tmul)
@@ -72,6 +74,11 @@ DEF SMALL_SYRK = 4096
 DEF PANEL_GEMM_MIN = 2048
 # Row-wise downdates with fewer multiply-adds than this run on one thread.
 THREAD_MIN_WORK = 2e7
+# Dense blocks above this size are factored tiled on OpenMP's threads (``_chol``), at most
+# this size by LAPACK on one BLAS thread (BLAS threads gain nothing there on an idle
+# machine and lose several times beside busy processes).  TILE: the tiles' width (0: by size).
+TILED_MIN = 512
+TILE = 0
 
 
 cdef extern from *:
@@ -239,12 +246,14 @@ cdef int update_blocked_core(
         const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tstart,
         const cnp.int32_t* rows32, double* acc, double* wxy, const cnp.int64_t* heavy, Py_ssize_t nheavy,
         const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads,
-        double* rbuf) noexcept nogil:
+        double* rbuf, int chol_threads=1, Py_ssize_t tile=0) noexcept nogil:
     """One factorization (see :func:`update_blocked`).  With the transposed pattern
     (``tptr``), ``tstart`` is where each entry's panel starts (``indptr[tlev]``),
     ``rows32`` is ``rows`` as int32 and ``wxy`` holds (D - nz) × D scratch doubles for the
     X/y rows' downdate; ``rbuf`` holds 2 k1² + k1 scratch doubles (a level's T1 L11^{-T}
-    and L11^{-1}, and one panel row)."""
+    and L11^{-1}, and one panel row).  With ``chol_threads`` > 1 the heavy levels' update
+    and the dense Cholesky run tiled (``tile`` columns) on that many OpenMP threads with
+    single-threaded BLAS (:mod:`lmmfast._chol`); else through BLAS/LAPACK as called."""
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
     cdef Py_ssize_t nxy = D - nz
     cdef int k_i, ld_i
@@ -399,9 +408,12 @@ cdef int update_blocked_core(
                 r = rows[indptr[j] + t]
                 for c in range(k1):
                     hbuf[r * K + (bi - h0) * k1 + c] = v[t * k1 + c]
-        n_i = <int>D
-        k_i = <int>K
-        dsyrk(&uplo, &tr, &n_i, &k_i, &mone, hbuf, &k_i, &one, L22, &n_i)
+        if chol_threads > 1:
+            syrk_tiled(L22, D, D, hbuf, K, K, tile, chol_threads)
+        else:
+            n_i = <int>D
+            k_i = <int>K
+            dsyrk(&uplo, &tr, &n_i, &k_i, &mone, hbuf, &k_i, &one, L22, &n_i)
         h0 = h1
 
     if tptr != NULL:
@@ -417,6 +429,8 @@ cdef int update_blocked_core(
     # ---- dense Cholesky of L22 (row-major lower == column-major upper)
     if D <= SMALL_CHOL:
         return chol_lower(L22, D, D)
+    if chol_threads > 1:
+        return potrf_tiled(L22, D, D, tile, chol_threads)
     n_i = <int>D
     lda_i = <int>D
     dpotrf(&uplo, &n_i, L22, &lda_i, &info)
@@ -704,8 +718,10 @@ cdef class BlockedFactor:
     ``objective(θ, reml)`` adds the profiled deviance (JSS eqs. 34, 41).
     """
     cdef readonly object L11, L21, L22, T1, rscale, Tflat, theta
-    cdef readonly int nthreads, last_nthreads
+    cdef readonly int nthreads, last_nthreads, chol_threads, last_chol_threads
+    cdef readonly bint blas_single      # BLAS on the calling thread only, in every factorization
     cdef bint fixed_threads
+    cdef Py_ssize_t tile
     cdef object xp, buf, wbuf, rbuf
     cdef const double[:, :, ::1] A11
     cdef const double[:, ::1] A21, A22
@@ -802,8 +818,21 @@ cdef class BlockedFactor:
             nr = np.diff(ip).astype(float)
             if float((nr[rowwise] ** 2).sum()) * self.k1 > THREAD_MIN_WORK:
                 self.nthreads = _n_threads()
+        # The dense algebra runs in one thread pool (see _chol): BLAS on the calling thread
+        # only; a large dense block tiled on OpenMP's threads (as many as the row-wise
+        # downdate may use), a small one (BLAS threads gain nothing there) on one.  Where
+        # BLAS has no thread-local setting (not OpenBLAS >= 0.3.27), or there is no OpenMP
+        # to share a large block's tiles, BLAS runs with its own threads, as called.
+        from lmmfast import threads
+        self.chol_threads = 1
+        self.blas_single = False
+        if self.D > SMALL_CHOL and threads.register():
+            if self.D > TILED_MIN and OPENMP:
+                self.chol_threads = _n_threads()
+            self.blas_single = self.D <= TILED_MIN or OPENMP
+        self.tile = TILE if TILE > 0 else (128 if self.D < 4500 else 192)
         # LMMFAST_NUM_THREADS is obeyed as given; otherwise OpenMP's limit applies per call
-        self.fixed_threads = self.nthreads > 1 and _thread_request() is not None
+        self.fixed_threads = (self.nthreads > 1 or self.chol_threads > 1) and _thread_request() is not None
         self.acc = np.zeros(self.D * self.nthreads)       # one accumulator row per thread
         self.accv = self.acc
         # the X/y rows' downdate (xy_accumulate): W (nz × nxy) then XX (nxy × nxy)
@@ -814,15 +843,18 @@ cdef class BlockedFactor:
         """Threads for the next factorization: OpenMP's current limit (OMP_NUM_THREADS,
         omp_set_num_threads, threadpoolctl) unless LMMFAST_NUM_THREADS fixed the count."""
         global _omp_used
-        cdef int nthreads = self.nthreads
-        if nthreads > 1 and not self.fixed_threads:
-            nthreads = max(1, min(nthreads, lmmfast_omp_max_threads()))
-        if nthreads > 1:
+        cdef int nthreads = self.nthreads, ct = self.chol_threads, omax
+        if (nthreads > 1 or ct > 1) and not self.fixed_threads:
+            omax = lmmfast_omp_max_threads()
+            nthreads = max(1, min(nthreads, omax))
+            ct = max(1, min(ct, omax))
+        if nthreads > 1 or ct > 1:
             if _omp_forked:          # GNU OpenMP's threads do not survive a fork: one thread
-                nthreads = 1
+                nthreads = ct = 1
             else:
                 _omp_used = True
         self.last_nthreads = nthreads
+        self.last_chol_threads = ct
         return nthreads
 
     cdef int _factor_ptr(self, const double* theta, int nthreads) noexcept nogil:
@@ -840,7 +872,11 @@ cdef class BlockedFactor:
         for i in range(self.tflat_index.shape[0]):
             ix = self.tflat_index[i]
             self.tfv[i] = theta[ix] if ix >= 0 else 0.0
-        return update_blocked_core(
+        cdef int saved[8]
+        cdef int info
+        if self.blas_single:
+            blas_single_thread(saved)
+        info = update_blocked_core(
             &self.A11[0, 0, 0], self.m1, self.k1, &self.T1v[0, 0], &self.indptr[0],
             &self.rows[0] if self.rows.shape[0] > 0 else NULL,
             &self.A21[0, 0] if self.A21.shape[0] > 0 else NULL,
@@ -854,7 +890,10 @@ cdef class BlockedFactor:
             &self.rows32[0] if self.transposed else NULL, &self.accv[0], &self.wxyv[0],
             &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
             &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
-            nthreads, &self.rbufv[0])
+            nthreads, &self.rbufv[0], self.last_chol_threads, self.tile)
+        if self.blas_single:
+            blas_restore_threads(saved)
+        return info
 
     cdef void _pieces(self, double* ldz, double* ldx, double* r2) noexcept nogil:
         logdets_core(self.L11v, self.L22v, self.nz, ldz, ldx, r2)

@@ -1,0 +1,73 @@
+"""The threads of a factorization: one OpenMP pool, idle threads asleep, BLAS on one thread.
+
+A factorization runs compiled OpenMP loops (the row-wise downdate, the tiled dense
+Cholesky of ``_chol``) and calls BLAS.  Two habits of these libraries make a fit several
+times slower as soon as other busy processes share the cores (models fitted in parallel
+workers, a loaded server), though they cost nothing on an idle machine:
+
+* OpenBLAS's threads, and OpenMP's with the default wait policy, keep spinning after
+  their work is done, taking the cores the other threads of the same computation wait
+  for.  Measured on 2 cores beside two busy loops (InstEval ``service*dept``, REML, a
+  0.5 s fit alone): with OpenBLAS's threads 1.8 s, and 13 s in half the runs; with the
+  dense algebra in OpenMP's pool alone 1.8-3.9 s; with that pool's idle threads asleep
+  (``OMP_WAIT_POLICY=PASSIVE``) 0.8-1.6 s.  Alone, the three are equally fast.
+
+So the kernels (1) call BLAS on the calling thread only, through OpenBLAS's thread-local
+setting (``openblas_set_num_threads_local``, OpenBLAS 0.3.27 and later; the process's
+other threads and its global setting are not touched), with OpenMP's threads sharing a
+large dense block's tiles, and (2) load OpenMP with the passive wait policy unless the
+user chose one (``OMP_WAIT_POLICY``): the setting is read once, when the OpenMP runtime is
+loaded, and the environment is given back unchanged right after.  Where BLAS has no
+thread-local setting (another BLAS, an older OpenBLAS), BLAS runs with its own threads.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+__all__ = ["load_kernels", "register", "setter_addresses"]
+
+_registered = None     # how many setters ``_chol`` holds, once looked up
+
+
+def load_kernels():
+    """Import the compiled kernels (which loads the OpenMP runtime) with OpenMP's idle
+    threads set to sleep, unless ``OMP_WAIT_POLICY`` is set; the environment is restored."""
+    added = "OMP_WAIT_POLICY" not in os.environ
+    if added:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        from . import _chol, _pls  # noqa: F401  (the runtime reads its settings on loading)
+    finally:
+        if added:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+def setter_addresses() -> list:
+    """Addresses of ``openblas_set_num_threads_local`` in the loaded OpenBLAS libraries
+    (found by threadpoolctl)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:                       # pragma: no cover (a declared dependency)
+        return []
+    out = []
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.internal_api != "openblas":
+            continue
+        fn = getattr(getattr(lib, "dynlib", None), "openblas_set_num_threads_local", None)
+        if fn is not None:
+            addr = ctypes.cast(fn, ctypes.c_void_p).value
+            if addr and addr not in out:
+                out.append(addr)
+    return out
+
+
+def register() -> int:
+    """Hand the setters to the kernels (once per process); returns how many there are
+    (0: BLAS threads cannot be set per thread here)."""
+    global _registered
+    if _registered is None:
+        from . import _chol
+
+        _registered = _chol.register_blas_setters(setter_addresses())
+    return _registered

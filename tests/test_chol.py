@@ -1,0 +1,218 @@
+"""The tiled dense kernels (``lmmfast._chol``) against numpy, and the factorization's threads.
+
+``potrf`` against ``numpy.linalg.cholesky`` and LAPACK's failure position, ``syrk_lower``
+against ``C - W W'``, on random sizes, tile widths and thread counts (hypothesis); the
+blocked factor with its dense block tiled against the dense oracle; BLAS's thread-local
+setting switched and given back on every thread that calls BLAS.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lmmfast
+from lmmfast import LinearMixedModel, _chol, _pls, threads
+from lmmfast.blocks import BlockedCrossprod
+from lmmfast.pls import BlockedPLS, dense_lambda, dense_objective
+
+HSETTINGS = settings(max_examples=60, deadline=None, database=None,
+                     suppress_health_check=[HealthCheck.too_slow])
+
+
+def spd(n, seed):
+    rng = np.random.default_rng(seed)
+    B = rng.standard_normal((n, n + 3))
+    return B @ B.T / n + 0.1 * np.eye(n)
+
+
+@HSETTINGS
+@given(st.integers(0, 160), st.integers(1, 48), st.integers(1, 3), st.integers(0, 2 ** 31))
+def test_potrf_equals_numpy_cholesky(n, nb, nthreads, seed):
+    A = spd(n, seed)
+    upper = np.triu(np.full((n, n), 7.0), 1)
+    X = np.tril(A) + upper                     # the upper triangle must not be read or written
+    assert _chol.potrf(X, nb=nb, nthreads=nthreads) == 0
+    if n:
+        np.testing.assert_allclose(np.tril(X), np.linalg.cholesky(A), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(np.triu(X, 1), upper)
+
+
+@HSETTINGS
+@given(st.integers(2, 120), st.integers(1, 40), st.integers(1, 3), st.integers(0, 2 ** 31),
+       st.data())
+def test_potrf_reports_lapacks_failing_minor(n, nb, nthreads, seed, data):
+    """A matrix whose leading minor of order j + 1 is the first not positive definite:
+    info is j + 1, as LAPACK's dpotrf says."""
+    import scipy.linalg.lapack as lapack
+
+    j = data.draw(st.integers(0, n - 1))
+    A = spd(n, seed)
+    A[j, j] = A[j, :j] @ np.linalg.solve(A[:j, :j], A[:j, j]) - 1.0 if j else -1.0
+    _, want = lapack.dpotrf(A, lower=1)
+    assert want == j + 1
+    assert _chol.potrf(A.copy(), nb=nb, nthreads=nthreads) == want
+
+
+@HSETTINGS
+@given(st.integers(0, 150), st.integers(0, 40), st.integers(1, 48), st.integers(1, 3),
+       st.integers(0, 2 ** 31))
+def test_syrk_lower_equals_numpy(n, K, nb, nthreads, seed):
+    rng = np.random.default_rng(seed)
+    C = rng.standard_normal((n, n))
+    W = rng.standard_normal((n, K))
+    want = C - W @ W.T
+    upper = np.triu(C, 1)
+    _chol.syrk_lower(C, W, nb=nb, nthreads=nthreads)
+    np.testing.assert_allclose(np.tril(C), np.tril(want), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.triu(C, 1), upper)
+
+
+def test_wrappers_reject_bad_arguments():
+    with pytest.raises(ValueError, match="square"):
+        _chol.potrf(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="at least 1"):
+        _chol.potrf(np.eye(3), nb=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        _chol.syrk_lower(np.eye(3), np.ones((3, 2)), nthreads=0)
+    with pytest.raises(ValueError, match="n×K"):
+        _chol.syrk_lower(np.eye(3), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="NULL"):
+        _chol.register_blas_setters([0])
+
+
+# ------------------------------------------------------------------ the blocked factor
+def crossed_model(formula="y ~ 1 + x + (1|g1) + (1 + x|g2)", n=4000, n1=60, n2=30):
+    df, _ = lmmfast.simulate.crossed(n, n1, n2, slope=True, seed=4)
+    return LinearMixedModel(formula, df, REML=True, method="blocked")
+
+
+@pytest.mark.parametrize("heavy_rows", [None, 20])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tiled_dense_block_equals_lapack_and_dense(monkeypatch, transposed, heavy_rows):
+    """The dense block factored in tiles on several threads (forced on for a small model,
+    with heavy levels' update tiled too) gives LAPACK's factor and the dense objective."""
+    if not _pls.OPENMP or not threads.register():
+        pytest.skip("needs OpenMP and OpenBLAS's thread-local setting")
+    model = crossed_model()
+    theta = np.abs(np.random.default_rng(8).normal(size=model.ntheta)) + 0.2
+    args = (model.terms, model.X, model.y, model.theta_offsets)
+    monkeypatch.setattr(_pls, "TILED_MIN", 10 ** 9)
+    plain = BlockedPLS(BlockedCrossprod(*args, transposed=transposed, heavy_rows=heavy_rows))
+    assert plain._f.chol_threads == 1
+    monkeypatch.setattr(_pls, "TILED_MIN", 8)
+    monkeypatch.setattr(_pls, "TILE", 7)
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", "3")
+    xp = BlockedCrossprod(*args, transposed=transposed, heavy_rows=heavy_rows)
+    assert heavy_rows is None or len(xp.heavy) > 0
+    tiled = BlockedPLS(xp)
+    assert tiled._f.chol_threads == 3 and tiled._f.blas_single
+    fa, fb = plain.objective(theta, True), tiled.objective(theta, True)
+    assert tiled._f.last_chol_threads == 3
+    np.testing.assert_allclose(np.tril(tiled.L22), np.tril(plain.L22), rtol=1e-10, atol=1e-10)
+    assert fb == pytest.approx(fa, rel=1e-12)
+    Z = np.column_stack([t.Z().toarray() for t in model.terms])
+    Lam = dense_lambda(model.terms, theta, model.theta_offsets)
+    assert fb == pytest.approx(dense_objective(Z, model.X, model.y, Lam, True), rel=1e-9)
+
+
+def test_tiled_factor_reports_a_dense_block_that_is_not_positive_definite(monkeypatch):
+    """A θ at which Ω(θ) is not positive definite (a negative scale on X's rows is not
+    possible, so the cross-products are spoiled) gives +inf, tiled as plain."""
+    if not _pls.OPENMP or not threads.register():
+        pytest.skip("needs OpenMP and OpenBLAS's thread-local setting")
+    model = crossed_model()
+    monkeypatch.setattr(_pls, "TILED_MIN", 8)
+    monkeypatch.setattr(_pls, "TILE", 5)
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", "2")
+    xp = BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets)
+    xp.A22 = xp.A22.copy()
+    xp.A22[-1, -1] = -1.0                           # y'y < 0: the last pivot fails
+    pls = BlockedPLS(xp)
+    assert pls._f.chol_threads == 2
+    assert pls.factor(model.theta_start) == xp.D
+    assert pls.objective(model.theta_start, True) == np.inf
+
+
+@pytest.fixture
+def recording_setter():
+    """A stand-in for OpenBLAS's thread-local setter that records (thread, value) calls;
+    the real setters are registered again afterwards."""
+    calls = []
+    state = {}
+    lock = threading.Lock()
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+    def setter(n):
+        with lock:
+            tid = threading.get_ident()
+            calls.append((tid, n))
+            prev = state.get(tid, 0)
+            state[tid] = n
+            return prev
+
+    _chol.register_blas_setters([ctypes.cast(setter, ctypes.c_void_p).value])
+    try:
+        yield calls, state
+    finally:
+        _chol.register_blas_setters(threads.setter_addresses())
+
+
+def test_blas_runs_on_one_thread_during_a_factorization_and_is_given_back(monkeypatch,
+                                                                         recording_setter):
+    """Every thread that calls BLAS in a factorization first sets its BLAS threads to 1 and
+    afterwards gives back what it had; the caller's setting is unchanged after."""
+    if not _pls.OPENMP:
+        pytest.skip("built without OpenMP")
+    calls, state = recording_setter
+    model = crossed_model()
+    monkeypatch.setattr(threads, "_registered", 1)
+    monkeypatch.setattr(_pls, "TILED_MIN", 8)
+    monkeypatch.setattr(_pls, "TILE", 6)
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", "2")
+    pls = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets))
+    assert pls._f.blas_single
+    main = threading.get_ident()
+    state[main] = 5                                  # the caller's own setting
+    assert pls.factor(model.theta_start) == 0
+    assert calls and calls[0] == (main, 1)
+    by_thread = {}
+    for tid, n in calls:
+        by_thread.setdefault(tid, []).append(n)
+    for tid, seq in by_thread.items():               # set 1 / give back, in pairs
+        assert len(seq) % 2 == 0
+        assert all(v == 1 for v in seq[0::2]), seq
+    assert state[main] == 5                          # the caller's setting given back
+    assert all(v != 1 for t, v in state.items() if t != main)
+
+
+def test_small_dense_block_runs_blas_on_one_thread(monkeypatch, recording_setter):
+    calls, state = recording_setter
+    model = crossed_model("y ~ 1 + x + (1|g1) + (1|g2)", n=3000, n1=40, n2=25)
+    monkeypatch.setattr(threads, "_registered", 1)
+    pls = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets))
+    assert pls._f.L22.shape[0] > 16 and pls._f.chol_threads == 1 and pls._f.blas_single
+    assert pls.factor(model.theta_start) == 0
+    main = threading.get_ident()
+    assert calls[0] == (main, 1) and calls[-1] == (main, 0) and state[main] == 0
+
+
+def test_import_leaves_the_environment_as_it_was():
+    """OpenMP is loaded with its idle threads asleep, but the process's environment is
+    given back unchanged; a user's own OMP_WAIT_POLICY is kept."""
+    code = "import os, lmmfast; print(os.environ.get('OMP_WAIT_POLICY', '-'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "-"
+    env["OMP_WAIT_POLICY"] = "active"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "active"
