@@ -591,8 +591,11 @@ def _heavy_setup(heavy, batch, Py_ssize_t m1, Py_ssize_t k1, Py_ssize_t D):
     if not single_levels(batch, m1)[h].all():
         raise ValueError("heavy levels must each be alone in their batch")
     flags[h] = 1
-    # chunks of dense columns up to 32 MB (at least one level)
-    hchunk = int(max(1, min(len(h), (1 << 22) // max(D * k1, 1))))
+    # chunks of dense columns up to 32 MB (at least one level), of equal sizes: each
+    # chunk's rank-K update streams all of L22, and a short last chunk would do it for few
+    hmax = int(max(1, min(len(h), (1 << 22) // max(D * k1, 1))))
+    nchunk = -(-len(h) // hmax)
+    hchunk = -(-len(h) // nchunk)
     return flags, hchunk, np.empty(D * k1 * hchunk)
 
 
