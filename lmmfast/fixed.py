@@ -19,6 +19,10 @@ from .remat import lme4_name
 
 __all__ = ["ModelFrame", "model_frame", "fixed_matrix", "drop_aliased", "xy_gram"]
 
+# Text columns from this length are hashed once by the model frame (pandas.factorize's
+# fixed cost, ~60 µs, is more than a short column's whole coding by a dict).
+_FACTORIZE_MIN = 10_000
+
 
 def _simple_terms(rhs: str):
     """``(intercept, [names])`` when ``rhs`` is only '1'/'0' and plain column names, else None.
@@ -135,8 +139,9 @@ def design_cells(formula, frame, most: float = 0.25):
         elif dt == object or isinstance(dt, pd.StringDtype):
             # a model frame's numpy values: pandas hashes an object array about three
             # times faster than a Series of its "str" dtype (8 -> 3 ms on 73k rows)
-            cc, uniq = pd.factorize(frame.array_of(c) if isinstance(frame, ColumnFrame)
-                                    else col)
+            fc = frame.codes_of(c) if isinstance(frame, ColumnFrame) else None
+            cc, uniq = fc if fc is not None else pd.factorize(
+                frame.array_of(c) if isinstance(frame, ColumnFrame) else col)
             k = len(uniq)
             decode.append(lambda u, uniq=uniq, dt=dt: pd.array(np.asarray(uniq, dtype=object)[u],
                                                                 dtype=dt))
@@ -199,8 +204,10 @@ class ColumnFrame:
     ``drop.unused.levels``).  :meth:`to_pandas` materialises a DataFrame for formulaic.
     """
 
-    def __init__(self, data, used: list, complete, n: int, arrays=None, dtypes=None):
+    def __init__(self, data, used: list, complete, n: int, arrays=None, dtypes=None,
+                 factorized=None):
         self._data, self.columns = data, list(used)
+        self._factorized = dict(factorized or {})   # long text columns: (codes, uniques)
         self._mask = complete                  # None: every row is complete
         self._cache = {}
         self._arrays = dict(arrays or {})      # full-length numpy values already fetched
@@ -233,6 +240,14 @@ class ColumnFrame:
             self._values[name] = v
         return v
 
+    def codes_of(self, name):
+        """``pandas.factorize`` of a long text column, as the model frame found its missing
+        values with it: (codes over the rows, uniques in order of appearance); None for
+        other columns, or when rows were dropped (uniques might then be unused)."""
+        if self._mask is not None:
+            return None
+        return self._factorized.get(name)
+
     def __len__(self):
         return self._n
 
@@ -262,6 +277,11 @@ class ColumnFrame:
         if self._df is None:
             self._df = pd.DataFrame({c: self[c] for c in self.columns})
         return self._df
+
+
+def _python_strings(dtype) -> bool:
+    """pandas' text dtype held as Python objects (``"str"``/``"string"``, python storage)."""
+    return isinstance(dtype, pd.StringDtype) and dtype.storage == "python"
 
 
 def _na_strings(dtype) -> bool:
@@ -364,6 +384,8 @@ def model_frame(mf, data) -> ModelFrame:
     missing = []                                # per column with missing values: the mask
     arrays = {}                                 # numpy values, converted once
     dtypes = {}
+    factorized = {}                             # long text columns: codes, uniques
+    long = len(data) >= _FACTORIZE_MIN
     for c in used:
         loc = cols.get_loc(c)
         if not isinstance(loc, (int, np.integer)):      # a label the data holds more than once
@@ -381,6 +403,20 @@ def model_frame(mf, data) -> ModelFrame:
             arr = arrays[c] = raw if isinstance(raw, np.ndarray) else raw.to_numpy()
             if arr.dtype.kind in "iub":                             # never missing
                 continue
+            if long and arr.dtype.kind == "O" and (dt.kind == "O" if isinstance(dt, np.dtype)
+                                                   else _python_strings(dt)):
+                # text: hashing finds the missing values (code -1) as fast as a scan, and
+                # its codes then serve the grouping factors and the design's cells
+                try:
+                    fc = pd.factorize(arr)
+                except TypeError:               # unhashable values: the scan below
+                    fc = None
+                if fc is not None:
+                    factorized[c] = fc
+                    miss = fc[0] < 0
+                    if miss.any():
+                        missing.append(miss)
+                    continue
             if not isinstance(dt, np.dtype):    # pandas' own arrays (strings, nullable):
                 miss = np.asarray(raw.isna(), dtype=bool)           # their mask, no object scan
             else:
@@ -397,7 +433,7 @@ def model_frame(mf, data) -> ModelFrame:
         raise DataError(f"no rows left after dropping the {n_drop} rows with a missing value in "
                         f"the model's columns ({', '.join(used)})")
     row_index = data.index[complete] if n_drop else data.index
-    frame = ColumnFrame(data, used, complete, n, arrays, dtypes)
+    frame = ColumnFrame(data, used, complete, n, arrays, dtypes, factorized)
     return ModelFrame(frame, n_drop, row_index)
 
 

@@ -30,7 +30,7 @@ def lme4_name(name: str) -> str:
     return ":".join(_LEVEL.sub(r"\1", part) for part in name.split(":"))
 
 
-def factor_codes(col, values=None, used_only: bool = False):
+def factor_codes(col, values=None, used_only: bool = False, factorized=None):
     """Codes 0..m-1, level labels and level values of a column used as a factor.
 
     Levels are sorted as R's ``factor()`` does under ``sort(method = "radix")``: strings
@@ -39,7 +39,8 @@ def factor_codes(col, values=None, used_only: bool = False):
     hand, a model frame's (no missing values: short object columns are then coded by a
     dict); ignored for a Categorical; ``col`` may then be None (the values are not a
     Categorical's).  ``used_only``: a Categorical known to use all its categories (a model
-    frame's columns).
+    frame's columns).  ``factorized``: ``pandas.factorize`` of ``values`` (codes, uniques),
+    done already (a model frame's long text columns): only the levels are then sorted.
     """
     if col is not None and isinstance(col.dtype, pd.CategoricalDtype):
         from .fixed import drop_unused_categories
@@ -52,7 +53,9 @@ def factor_codes(col, values=None, used_only: bool = False):
         values = col.to_numpy()
     short = len(values) <= _SORT_MAX
     codes = uniques = None
-    if short and values.dtype.kind in "iub":
+    if factorized is not None:
+        codes, uniques = _sorted_levels(values, *factorized)
+    elif short and values.dtype.kind in "iub":
         # a short integer column (never missing): one sort gives the sorted levels and
         # the codes, with less fixed cost than hashing
         uniques, codes = np.unique(values, return_inverse=True)
@@ -60,20 +63,23 @@ def factor_codes(col, values=None, used_only: bool = False):
         codes, uniques = _code_objects(values.tolist())
     if codes is None:
         # Hash, then sort the (few) distinct values: cheaper than pandas' sort=True path,
-        # which has ~0.15 ms of overhead on small columns; values of mixed types that do
-        # not compare go to pandas' safe sort.
-        codes, uniques = pd.factorize(values)
-        try:
-            order = np.argsort(uniques, kind="stable")
-        except TypeError:
-            codes, uniques = pd.factorize(values, sort=True)
-        else:
-            rank = np.empty(len(order), dtype=np.int64)
-            rank[order] = np.arange(len(order))
-            codes, uniques = rank[codes], uniques[order]
+        # which has ~0.15 ms of overhead on small columns
+        codes, uniques = _sorted_levels(values, *pd.factorize(values))
     plain = isinstance(uniques, np.ndarray) and uniques.dtype.kind in "iufbOU"
     labels = list(map(str, uniques.tolist() if plain else uniques))
     return codes.astype(np.int64, copy=False).reshape(-1), labels, uniques
+
+
+def _sorted_levels(values, codes, uniques):
+    """Codes and uniques of ``pandas.factorize(values)`` renumbered so that the levels are
+    sorted; values of mixed types that do not compare go to pandas' safe sort."""
+    try:
+        order = np.argsort(uniques, kind="stable")
+    except TypeError:
+        return pd.factorize(values, sort=True)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[codes], uniques[order]
 
 
 def _code_objects(values: list):
@@ -108,12 +114,17 @@ def grouping_factor(frame, factors: tuple, term: str):
             raise MissingColumnError(f"grouping factor {f!r} of random-effects term {term} "
                                      f"is not a column of the data")
         array_of = getattr(frame, "array_of", None)     # a model frame (unused levels dropped)
-        if array_of is None:
-            c, lab, idx = factor_codes(frame[f])
-        elif isinstance(frame.dtype_of(f), pd.CategoricalDtype):
-            c, lab, idx = factor_codes(frame[f], used_only=True)
-        else:                                           # its values: no Series needed
-            c, lab, idx = factor_codes(None, array_of(f))
+        try:
+            if array_of is None:
+                c, lab, idx = factor_codes(frame[f])
+            elif isinstance(frame.dtype_of(f), pd.CategoricalDtype):
+                c, lab, idx = factor_codes(frame[f], used_only=True)
+            else:                                       # its values: no Series needed
+                c, lab, idx = factor_codes(None, array_of(f), factorized=frame.codes_of(f))
+        except TypeError as e:                          # lists, dicts, sets ...
+            raise DataError(f"grouping factor {f!r} of random-effects term {term} holds values "
+                            f"that cannot serve as levels ({e}); convert the column to strings "
+                            "or numbers") from e
         values.append(idx)
         if len(factors) == 1:
             return c, lab, GroupEncoder(tuple(factors), values, steps)

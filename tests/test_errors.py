@@ -345,3 +345,50 @@ def test_model_arrays_are_never_the_users_writable_memory(df):
     with pytest.raises(ValueError):
         m.y[0] = 0.0
     pd.testing.assert_frame_equal(d, df)
+
+
+def _long_text_frame(dtype, n=12_000):
+    rng = np.random.default_rng(3)
+    g, h, f = rng.integers(0, 300, n), rng.integers(0, 40, n), rng.integers(0, 4, n)
+    y = (1.0 + 0.5 * f + rng.normal(size=300)[g] + 0.7 * rng.normal(size=40)[h]
+         + rng.normal(size=n))
+
+    def text(prefix, codes):
+        return pd.Series([f"{prefix}{i:03d}" for i in codes], dtype=dtype)
+
+    return pd.DataFrame({"g": text("s", g), "h": text("d", h), "f": text("c", f), "y": y})
+
+
+@pytest.mark.parametrize("dtype", [object, pd.StringDtype("python", na_value=np.nan)],
+                         ids=["object", "str"])
+@pytest.mark.parametrize("with_missing", [False, True])
+def test_long_text_columns_fit_as_their_categoricals(dtype, with_missing):
+    """Text columns of 10,000 rows and more are hashed once by the model frame, whose codes
+    then serve the grouping factors and the fixed part's cells: the fit is the one with the
+    same columns as Categoricals (codes from pandas, another path), missing text values
+    dropping their rows."""
+    d = _long_text_frame(dtype)
+    if with_missing:
+        d.loc[[5, 77], "g"] = None
+        d.loc[[9], "f"] = None
+    cat = d.assign(**{c: pd.Categorical(d[c]) for c in ("g", "h", "f")})
+    before = d.copy()
+    fit = lmmfast.lmer("y ~ f + (1 | g) + (1 | h)", d)
+    ref = lmmfast.lmer("y ~ f + (1 | g) + (1 | h)", cat)
+    pd.testing.assert_frame_equal(d, before)
+    assert fit.n_dropped == (3 if with_missing else 0) == ref.n_dropped
+    assert fit.objective == pytest.approx(ref.objective, rel=1e-12)
+    assert list(fit.fixef.index) == list(ref.fixef.index) == ["(Intercept)", "fc001", "fc002",
+                                                              "fc003"]
+    np.testing.assert_allclose(fit.fixef, ref.fixef, rtol=1e-9)
+    for g in ("g", "h"):
+        assert list(fit.ranef[g].index) == list(ref.ranef[g].index)
+        np.testing.assert_allclose(fit.ranef[g].to_numpy(), ref.ranef[g].to_numpy(), rtol=1e-8,
+                                   atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [40, 12_000])
+def test_unhashable_grouping_values_are_a_clear_error(n):
+    d = pd.DataFrame({"g": pd.Series([[1], [2]] * (n // 2), dtype=object),
+                      "y": np.arange(n, dtype=float)})
+    _raises(DataError, "y ~ 1 + (1 | g)", d, "'g'", "(1 | g)", "strings")
