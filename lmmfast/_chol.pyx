@@ -10,7 +10,10 @@ parallel region; on an idle machine this costs little, but beside other busy pro
 the runs (InstEval, ``service*dept``, two busy loops on two cores).  Here the dense
 algebra of a factorization runs in OpenMP's pool alone: BLAS is called single-threaded
 on tiles (OpenBLAS's thread-local setting, ``openblas_set_num_threads_local``, since
-0.3.27), and the tiles are shared among OpenMP threads.
+0.3.27), and the tiles are shared among OpenMP threads.  Alone, this is as fast as
+OpenBLAS's threaded ``dpotrf`` on large blocks (4,003: rung 5 of the ladder) and about
+10 % slower on middling ones (1,157), which ``_pls`` therefore leaves to LAPACK unless
+asked (see ``lmmfast.threads``).
 
 Storage is column-major upper (LAPACK's ``'U'``), which is the row-major lower triangle
 the factor keeps: ``potrf_tiled`` computes U with U'U = A (row-major: L L' = A, L = U'),
@@ -24,8 +27,7 @@ from scipy.linalg.cython_lapack cimport dpotrf
 
 ctypedef int (*local_threads_fn)(int) noexcept nogil
 
-DEF MAX_SETTERS = 8
-cdef local_threads_fn _setters[MAX_SETTERS]
+cdef local_threads_fn _setters[MAX_BLAS_SETTERS]
 cdef int _nsetters = 0
 
 
@@ -35,7 +37,7 @@ def register_blas_setters(addresses):
     the previous setting); replaces earlier registrations.  Returns how many are kept."""
     global _nsetters
     cdef Py_ssize_t a
-    addrs = [int(x) for x in addresses][:MAX_SETTERS]
+    addrs = [int(x) for x in addresses][:MAX_BLAS_SETTERS]
     _nsetters = 0
     for a in addrs:
         if a == 0:
@@ -52,7 +54,7 @@ def blas_setters():
 
 cdef int blas_single_thread(int* saved) noexcept nogil:
     """BLAS on the calling thread alone (each registered library); the previous settings go
-    to ``saved`` (MAX_SETTERS ints).  Returns the number of libraries set (0: none
+    to ``saved`` (MAX_BLAS_SETTERS ints).  Returns the number of libraries set (0: none
     registered, BLAS threads as they were)."""
     cdef int i
     for i in range(_nsetters):
@@ -71,7 +73,7 @@ cdef void syrk_cols(double* C, Py_ssize_t ldc, Py_ssize_t j0, Py_ssize_t j1,
                     const double* H, Py_ssize_t K, Py_ssize_t ldh) noexcept nogil:
     """Column block [j0, j1) of the upper triangle: C[0:j1, j0:j1] -= H[:, 0:j1]' H[:, j0:j1]
     (column-major; H is K × n, leading dimension ldh).  Its own thread's BLAS, one thread."""
-    cdef int saved[MAX_SETTERS]
+    cdef int saved[MAX_BLAS_SETTERS]
     cdef char tt = b'T', nn = b'N', up = b'U'
     cdef double one = 1.0, mone = -1.0
     cdef int m_i = <int>j0, w_i = <int>(j1 - j0), k_i = <int>K
@@ -110,7 +112,7 @@ cdef void trsm_cols(double* A, Py_ssize_t lda, Py_ssize_t k0, Py_ssize_t kb, Py_
                     Py_ssize_t cw) noexcept nogil:
     """A[k0:k0+kb, c0:c0+cw] = U_kk^{-T} A[k0:k0+kb, c0:c0+cw] (U_kk the factored diagonal
     block at k0), one BLAS thread."""
-    cdef int saved[MAX_SETTERS]
+    cdef int saved[MAX_BLAS_SETTERS]
     cdef char lf = b'L', up = b'U', tt = b'T', nn = b'N'
     cdef double one = 1.0
     cdef int kb_i = <int>kb, cw_i = <int>cw, lda_i = <int>lda
@@ -124,7 +126,7 @@ cdef void trsm_cols(double* A, Py_ssize_t lda, Py_ssize_t k0, Py_ssize_t kb, Py_
 
 cdef int potrf_one(double* A, Py_ssize_t n, Py_ssize_t lda) noexcept nogil:
     """LAPACK's dpotrf('U') on one BLAS thread."""
-    cdef int saved[MAX_SETTERS]
+    cdef int saved[MAX_BLAS_SETTERS]
     cdef char up = b'U'
     cdef int n_i = <int>n, lda_i = <int>lda, info = 0
     blas_single_thread(saved)

@@ -31,8 +31,8 @@ from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_lapack cimport dpotrf
 from scipy.linalg.cython_blas cimport dgemm, dsyrk, dtrsv
 from cpython.pycapsule cimport PyCapsule_New
-from lmmfast._chol cimport (blas_restore_threads, blas_single_thread, potrf_tiled,
-                            syrk_tiled)
+from lmmfast._chol cimport (MAX_BLAS_SETTERS, blas_restore_threads, blas_single_thread,
+                            potrf_tiled, syrk_tiled)
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
                              downdate, lam_dense_groups, lam_rows, max_panel, right_factor,
                              rows_times, rows_tmul)
@@ -74,10 +74,14 @@ DEF SMALL_SYRK = 4096
 DEF PANEL_GEMM_MIN = 2048
 # Row-wise downdates with fewer multiply-adds than this run on one thread.
 THREAD_MIN_WORK = 2e7
-# Dense blocks above this size are factored tiled on OpenMP's threads (``_chol``), at most
-# this size by LAPACK on one BLAS thread (BLAS threads gain nothing there on an idle
-# machine and lose several times beside busy processes).  TILE: the tiles' width (0: by size).
-TILED_MIN = 512
+# Dense blocks up to SINGLE_MAX are factored by LAPACK on one BLAS thread (BLAS threads
+# gain nothing there alone, and lose several times beside busy processes); above TILED_MIN
+# tiled on OpenMP's threads with single-threaded BLAS (``_chol``: as fast as OpenBLAS's
+# threads alone, robust beside busy processes); between, by LAPACK on BLAS's own threads
+# (there about 10 % faster alone than the tiles, measured on InstEval).  TILE: the
+# tiles' width (0: by size).
+SINGLE_MAX = 512
+TILED_MIN = 2048
 TILE = 0
 
 
@@ -821,21 +825,24 @@ cdef class BlockedFactor:
             nr = np.diff(ip).astype(float)
             if float((nr[rowwise] ** 2).sum()) * self.k1 > THREAD_MIN_WORK:
                 self.nthreads = _n_threads()
-        # The dense algebra runs in one thread pool (see _chol): BLAS on the calling thread
-        # only; a large dense block tiled on OpenMP's threads (as many as the row-wise
-        # downdate may use), a small one (BLAS threads gain nothing there) on one.  Where
-        # BLAS has no thread-local setting (not OpenBLAS >= 0.3.27), or there is no OpenMP
-        # to share a large block's tiles, BLAS runs with its own threads, as called.
+        # Threads of the dense algebra (see SINGLE_MAX, TILED_MIN and _chol): a large dense
+        # block tiled on OpenMP's threads (as many as the row-wise downdate may use) with
+        # BLAS on the calling thread only, a small one on one BLAS thread, a middling one
+        # by BLAS's own threads -- unless LMMFAST_NUM_THREADS asks for lmmfast's own
+        # threads (tiles; one thread: plain LAPACK on one BLAS thread).  Where BLAS has no
+        # thread-local setting (not OpenBLAS >= 0.3.27), BLAS runs as called.
         from lmmfast import threads
         self.chol_threads = 1
         self.blas_single = False
+        request = _thread_request()
         if self.D > SMALL_CHOL and threads.register():
-            if self.D > TILED_MIN and OPENMP:
+            if OPENMP and (self.D > TILED_MIN or (request is not None and self.D > SINGLE_MAX)):
                 self.chol_threads = _n_threads()
-            self.blas_single = self.D <= TILED_MIN or OPENMP
+                self.blas_single = True
+            self.blas_single = self.blas_single or self.D <= SINGLE_MAX or request == 1
         self.tile = TILE if TILE > 0 else (128 if self.D < 4500 else 192)
         # LMMFAST_NUM_THREADS is obeyed as given; otherwise OpenMP's limit applies per call
-        self.fixed_threads = (self.nthreads > 1 or self.chol_threads > 1) and _thread_request() is not None
+        self.fixed_threads = (self.nthreads > 1 or self.chol_threads > 1) and request is not None
         self.acc = np.zeros(self.D * self.nthreads)       # one accumulator row per thread
         self.accv = self.acc
         # the X/y rows' downdate (xy_accumulate): W (nz × nxy) then XX (nxy × nxy)
@@ -875,7 +882,7 @@ cdef class BlockedFactor:
         for i in range(self.tflat_index.shape[0]):
             ix = self.tflat_index[i]
             self.tfv[i] = theta[ix] if ix >= 0 else 0.0
-        cdef int saved[8]
+        cdef int saved[MAX_BLAS_SETTERS]
         cdef int info
         if self.blas_single:
             blas_single_thread(saved)

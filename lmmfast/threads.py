@@ -1,24 +1,25 @@
-"""The threads of a factorization: one OpenMP pool, idle threads asleep, BLAS on one thread.
+"""The threads of a factorization: OpenMP's pool with its idle threads asleep, BLAS's.
 
 A factorization runs compiled OpenMP loops (the row-wise downdate, the tiled dense
-Cholesky of ``_chol``) and calls BLAS.  Two habits of these libraries make a fit several
+Cholesky of ``_chol``) and calls BLAS.  A habit of these libraries makes a fit several
 times slower as soon as other busy processes share the cores (models fitted in parallel
-workers, a loaded server), though they cost nothing on an idle machine:
+workers, a loaded server), though it costs little on an idle machine: OpenBLAS's threads,
+and OpenMP's with the default wait policy, keep spinning after their work is done, taking
+the cores the other threads of the same computation wait for.  Measured on 2 cores beside
+two busy loops (InstEval ``service*dept``, REML, a 0.4 s fit alone): with OpenBLAS's
+threads 1.8 s, and 13 s in half the runs; with the dense algebra in OpenMP's pool alone
+1.8-3.9 s; with that pool's idle threads asleep (``OMP_WAIT_POLICY=PASSIVE``) 0.8-1.6 s.
 
-* OpenBLAS's threads, and OpenMP's with the default wait policy, keep spinning after
-  their work is done, taking the cores the other threads of the same computation wait
-  for.  Measured on 2 cores beside two busy loops (InstEval ``service*dept``, REML, a
-  0.5 s fit alone): with OpenBLAS's threads 1.8 s, and 13 s in half the runs; with the
-  dense algebra in OpenMP's pool alone 1.8-3.9 s; with that pool's idle threads asleep
-  (``OMP_WAIT_POLICY=PASSIVE``) 0.8-1.6 s.  Alone, the three are equally fast.
-
-So the kernels (1) call BLAS on the calling thread only, through OpenBLAS's thread-local
-setting (``openblas_set_num_threads_local``, OpenBLAS 0.3.27 and later; the process's
-other threads and its global setting are not touched), with OpenMP's threads sharing a
-large dense block's tiles, and (2) load OpenMP with the passive wait policy unless the
-user chose one (``OMP_WAIT_POLICY``): the setting is read once, when the OpenMP runtime is
-loaded, and the environment is given back unchanged right after.  Where BLAS has no
-thread-local setting (another BLAS, an older OpenBLAS), BLAS runs with its own threads.
+So the kernels (1) factor a large dense block (see ``_pls.TILED_MIN``; any block over
+``_pls.SINGLE_MAX`` when ``LMMFAST_NUM_THREADS`` is set) in tiles shared among OpenMP's
+threads, calling BLAS on each thread alone through OpenBLAS's thread-local setting
+(``openblas_set_num_threads_local``, OpenBLAS 0.3.27 and later; the process's other threads
+and its global setting are not touched), and a small one on one BLAS thread; middling
+blocks keep OpenBLAS's threads, which there are faster alone; and (2) load OpenMP with the
+passive wait policy unless the user chose one (``OMP_WAIT_POLICY``): the setting is read
+once, when the OpenMP runtime is loaded, and the environment is given back unchanged right
+after.  Where BLAS has no thread-local setting (another BLAS, an older OpenBLAS), BLAS runs
+with its own threads.
 """
 from __future__ import annotations
 

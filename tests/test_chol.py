@@ -216,3 +216,32 @@ def test_import_leaves_the_environment_as_it_was():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "active"
+
+
+def test_middling_dense_block_uses_blas_threads_unless_lmmfast_threads_are_asked(monkeypatch):
+    """Between SINGLE_MAX and TILED_MIN, LAPACK runs on BLAS's own threads (no thread-local
+    setting), unless LMMFAST_NUM_THREADS asks for lmmfast's own: 1, one BLAS thread; more,
+    the tiles on that many.  The factor is the same."""
+    if not threads.register():
+        pytest.skip("needs OpenBLAS's thread-local setting")
+    model = crossed_model()
+    theta = np.abs(np.random.default_rng(8).normal(size=model.ntheta)) + 0.2
+    args = (model.terms, model.X, model.y, model.theta_offsets)
+    monkeypatch.setattr(_pls, "SINGLE_MAX", 10)
+    monkeypatch.setattr(_pls, "TILED_MIN", 10 ** 6)
+    monkeypatch.delenv("LMMFAST_NUM_THREADS", raising=False)
+    free = BlockedPLS(BlockedCrossprod(*args))
+    assert not free._f.blas_single and free._f.chol_threads == 1
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", "1")
+    one = BlockedPLS(BlockedCrossprod(*args))
+    assert one._f.blas_single and one._f.chol_threads == 1
+    assert one.objective(theta, True) == pytest.approx(free.objective(theta, True), rel=1e-13)
+    np.testing.assert_allclose(np.tril(one.L22), np.tril(free.L22), rtol=1e-13, atol=1e-13)
+    if _pls.OPENMP:
+        monkeypatch.setenv("LMMFAST_NUM_THREADS", "2")
+        monkeypatch.setattr(_pls, "TILE", 9)
+        own = BlockedPLS(BlockedCrossprod(*args))
+        assert own._f.blas_single and own._f.chol_threads == 2
+        assert own.objective(theta, True) == pytest.approx(free.objective(theta, True),
+                                                           rel=1e-12)
+        assert own._f.last_chol_threads == 2
