@@ -204,18 +204,20 @@ def test_small_dense_block_runs_blas_on_one_thread(monkeypatch, recording_setter
     assert calls[0] == (main, 1) and calls[-1] == (main, 0) and state[main] == 0
 
 
-def test_import_leaves_the_environment_as_it_was():
+def test_import_leaves_the_environment_as_it_was(tmp_path):
     """OpenMP is loaded with its idle threads asleep, but the process's environment is
-    given back unchanged; a user's own OMP_WAIT_POLICY is kept."""
+    given back unchanged; a user's own OMP_WAIT_POLICY is kept.  (Run away from the source
+    tree, so that the package under test is the one imported.)"""
     code = "import os, lmmfast; print(os.environ.get('OMP_WAIT_POLICY', '-'))"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "-"
+
+    def run():
+        return subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert run() == "-"
     env["OMP_WAIT_POLICY"] = "active"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "active"
+    assert run() == "active"
 
 
 def test_middling_dense_block_uses_blas_threads_unless_lmmfast_threads_are_asked(monkeypatch):
