@@ -47,11 +47,6 @@ def register_blas_setters(addresses):
     return _nsetters
 
 
-def blas_setters():
-    """How many BLAS thread-local setters are registered."""
-    return _nsetters
-
-
 cdef int blas_single_thread(int* saved) noexcept nogil:
     """BLAS on the calling thread alone (each registered library); the previous settings go
     to ``saved`` (MAX_BLAS_SETTERS ints).  Returns the number of libraries set (0: none

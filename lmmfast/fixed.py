@@ -139,9 +139,11 @@ def design_cells(formula, frame, most: float = 0.25):
         elif dt == object or isinstance(dt, pd.StringDtype):
             # a model frame's numpy values: pandas hashes an object array about three
             # times faster than a Series of its "str" dtype (8 -> 3 ms on 73k rows)
-            fc = frame.codes_of(c) if isinstance(frame, ColumnFrame) else None
-            cc, uniq = fc if fc is not None else pd.factorize(
-                frame.array_of(c) if isinstance(frame, ColumnFrame) else col)
+            if isinstance(frame, ColumnFrame):
+                fc = frame.codes_of(c)
+                cc, uniq = fc if fc is not None else pd.factorize(frame.array_of(c))
+            else:
+                cc, uniq = pd.factorize(col)
             k = len(uniq)
             decode.append(lambda u, uniq=uniq, dt=dt: pd.array(np.asarray(uniq, dtype=object)[u],
                                                                 dtype=dt))
@@ -403,21 +405,18 @@ def model_frame(mf, data) -> ModelFrame:
             arr = arrays[c] = raw if isinstance(raw, np.ndarray) else raw.to_numpy()
             if arr.dtype.kind in "iub":                             # never missing
                 continue
+            fc = None
             if long and arr.dtype.kind == "O" and (dt.kind == "O" if isinstance(dt, np.dtype)
                                                    else _python_strings(dt)):
                 # text: hashing finds the missing values (code -1) as fast as a scan, and
                 # its codes then serve the grouping factors and the design's cells
                 try:
-                    fc = pd.factorize(arr)
+                    fc = factorized[c] = pd.factorize(arr)
                 except TypeError:               # unhashable values: the scan below
-                    fc = None
-                if fc is not None:
-                    factorized[c] = fc
-                    miss = fc[0] < 0
-                    if miss.any():
-                        missing.append(miss)
-                    continue
-            if not isinstance(dt, np.dtype):    # pandas' own arrays (strings, nullable):
+                    pass
+            if fc is not None:
+                miss = fc[0] < 0
+            elif not isinstance(dt, np.dtype):  # pandas' own arrays (strings, nullable):
                 miss = np.asarray(raw.isna(), dtype=bool)           # their mask, no object scan
             else:
                 miss = np.isnan(arr) if arr.dtype.kind in "fc" else pd.isna(arr)
