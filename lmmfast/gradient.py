@@ -25,7 +25,7 @@ from . import _gradient
 from ._remat import panel_dot, panel_scatter
 from .remat import _tril_colmajor
 
-__all__ = ["blocked_gradient", "numeric_gradient"]
+__all__ = ["blocked_gradient", "gram_times", "numeric_gradient", "z_residual"]
 
 
 def _lam_t_rows(M, xp, rscale, Tflat, nrows):
@@ -70,25 +70,18 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
         AL = _lam_t_rows(xp.A22[:Dp, :nz], xp, pls.rscale, pls.Tflat, Dp)  # Λr'(W'Z) rows
         for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
             q = m * k
-            Mi = Minv[o: o + q, :].reshape(m, k, Dp)
-            Ai = AL[:, o: o + q].T.reshape(m, k, Dp)
-            G = np.tensordot(Mi, Ai, axes=([0, 2], [0, 2]))          # Σ_l Mi[l] Ai[l]'  (b, a)
+            # Σ_l Σ_r M⁻¹[(l,b), r] AL[r, (l,a)], with M⁻¹ symmetric: column blocks of
+            # both (views, no transposed copies)
+            Mi = Minv[:, o: o + q].reshape(Dp, m, k)
+            Ai = AL[:, o: o + q].reshape(Dp, m, k)
+            if k == 1:
+                G = np.array([[np.einsum("ij,ij->", Minv[:, o: o + q], AL[:, o: o + q])]])
+            else:
+                G = np.einsum("rlb,rla->ba", Mi, Ai)                    # (b, a)
             G += out2[o: o + q, :k].reshape(m, k, k).sum(axis=0).T
             Gs.append(G)
     # ---- derivative of r²: Z'e from the cross-products
-    u, beta = pls.solve()
-    Ts = [pls.T1] + [_rest_T(xp, pls.Tflat, pls.rscale, i) for i in range(len(xp.term_shapes) - 1)]
-    b = [ui @ T.T for ui, T in zip(u, Ts)]
-    w = np.concatenate([-np.concatenate([bi.ravel() for bi in b[1:]]) if nz else np.zeros(0),
-                        -beta, [1.0]])
-    ze1 = panel_dot(xp.indptr, xp.rows, xp.A21, w)
-    ze1 -= np.einsum("jab,jb->ja", xp.A11, b[0])
-    zes = [ze1]
-    if nz:
-        zr = xp.A22[:nz, :] @ w
-        zr -= panel_scatter(xp.indptr, xp.rows, xp.A21, b[0], xp.D)[:nz]   # Σ_j A21_j b1_j
-        for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
-            zes.append(zr[o: o + m * k].reshape(m, k))
+    zes, u, _ = z_residual(pls)
     ldz, ldx, r2 = pls.pieces()
     scale = (n - p if reml else n) / r2
     grad = []
@@ -97,6 +90,50 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
         dr2 = -2.0 * (ze.T @ ui)[a, bcol]                # ∂r²: (Z'e)[:, a] · û[:, b]
         grad.append(2.0 * G[bcol, a] + scale * dr2)
     return np.concatenate(grad)
+
+
+def gram_times(xp, c1, w):
+    """[Z1 Z_rest X y]'[Z1 Z_rest X y] times the vector (c1, w), from the stored
+    cross-products: c1 (m1, k1) over term 1's columns, w (D,) over the dense block's rows.
+
+    Returns
+    -------
+    (m1, k1) array, (D,) array
+        The product's term-1 part and dense-block part.
+    """
+    t1 = panel_dot(xp.indptr, xp.rows, xp.A21, w)
+    t1 += np.einsum("jab,jb->ja", xp.A11, c1)
+    dense = xp.A22 @ w
+    dense += panel_scatter(xp.indptr, xp.rows, xp.A21, np.ascontiguousarray(c1), xp.D)
+    return t1, dense
+
+
+def z_residual(pls):
+    """Z'e at the current factor, e = y − Xβ̂ − Zb̂ the residual of the PLS solution
+    (for V = I + ZΛΛ'Z', e is Q y: y's generalized-least-squares residual, premultiplied
+    by V⁻¹), from the stored cross-products.
+
+    Returns
+    -------
+    zes : list of (m_i, k_i) arrays
+        Z_i'e per term, in the blocked order.
+    u : list of (m_i, k_i) arrays
+        The spherical conditional modes û.
+    Ts : list of (k_i, k_i) arrays
+        The relative covariance factors T_i at the current θ.
+    """
+    xp = pls.xp
+    nz = xp.nz
+    u, beta = pls.solve()
+    Ts = [pls.T1] + [_rest_T(xp, pls.Tflat, pls.rscale, i) for i in range(len(xp.term_shapes) - 1)]
+    b = [ui @ T.T for ui, T in zip(u, Ts)]
+    w = np.concatenate([-np.concatenate([bi.ravel() for bi in b[1:]]) if nz else np.zeros(0),
+                        -beta, [1.0]])
+    ze1, zr = gram_times(xp, -b[0], w)
+    zes = [ze1]
+    for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
+        zes.append(zr[o: o + m * k].reshape(m, k))
+    return zes, u, Ts
 
 
 def _rest_T(xp, Tflat, rscale, i):
