@@ -133,6 +133,24 @@ class LinearMixedModel:
             return f, np.zeros_like(theta)
         return f, blocked_gradient(self.pls, self.REML)
 
+    def information_scale(self, theta) -> np.ndarray:
+        """A scale for each element of θ from the average information H at ``theta``
+        (:func:`lmmfast.information.average_information`): 1/√H_kk, the step that changes
+        the objective by about ½ — the scale an approximate Hessian gives L-BFGS-B from its
+        first step.  Diagonals of H below 10⁻⁸ of their largest (elements the objective
+        hardly depends on there) are raised to that; where H cannot be formed (the
+        objective is not finite at ``theta``) every scale is 1."""
+        from .information import average_information
+
+        theta = np.asarray(theta, dtype=float).ravel()
+        if self.method != "blocked" or not np.isfinite(self.objective(theta)):
+            return np.ones(self.ntheta)
+        h = np.diag(average_information(self.pls, self.REML))
+        top = float(np.max(h, initial=0.0))
+        if not np.isfinite(top) or top <= 0.0:
+            return np.ones(self.ntheta)
+        return 1.0 / np.sqrt(np.maximum(h, 1e-8 * top))
+
     # ------------------------------------------------------------------ fitting
     def moment_start(self) -> np.ndarray:
         """A method-of-moments starting θ (:func:`lmmfast.moments.moment_start`)."""
@@ -153,7 +171,8 @@ class LinearMixedModel:
             ``"bobyqa"``: nlopt's BOBYQA with lme4's bounds and tolerances (derivative
             free, lme4's default).  ``"lbfgs"``: L-BFGS-B with the analytic gradient of
             the objective (``method="blocked"``): several times fewer evaluations, each
-            dearer (about three evaluations' worth each).  ``"auto"`` (default) takes
+            dearer (about three evaluations' worth each), θ scaled by the average
+            information at the start (:meth:`information_scale`).  ``"auto"`` (default) takes
             L-BFGS-B when θ has 8 or more elements, where BOBYQA's evaluation count grows
             fastest, and BOBYQA otherwise.
         start : "auto", "lme4", "moments" or array_like
@@ -168,7 +187,8 @@ class LinearMixedModel:
             ``callback(neval, theta, objective)`` after every evaluation.
         **control
             For BOBYQA ``xtol_abs``, ``ftol_abs``, ``ftol_rel``, ``maxeval``,
-            ``initial_step``; for L-BFGS-B ``gtol``, ``ftol``, ``maxeval``.
+            ``initial_step``; for L-BFGS-B ``gtol``, ``ftol``, ``maxeval``, ``scale``
+            (one positive number per element of θ, or None for none).
 
         Returns
         -------
@@ -199,6 +219,8 @@ class LinearMixedModel:
             raise ValueError("optimizer='lbfgs' needs the analytic gradient, available with "
                              "method='blocked'; use optimizer='bobyqa' with method='cholmod'")
         if name == "lbfgs":
+            if "scale" not in control:
+                control["scale"] = self.information_scale(x0)
             opt = minimize_lbfgs(self.objective_and_gradient, x0, self.theta_lower,
                                  verbose=verbose, callback=callback, **control)
         else:

@@ -146,9 +146,16 @@ class _Stalled(Exception):
 
 
 def minimize_lbfgs(fg, x0, lower, *, gtol=None, ftol=1e-15, maxeval=100000,
-                   probe_step=1e-3, stall_evals=8, stall_rel=1e-13, verbose=False,
+                   probe_step=1e-3, stall_evals=8, stall_rel=1e-13, scale=None, verbose=False,
                    callback=None):
     """Minimise with L-BFGS-B using the analytic gradient (``fg(θ) -> (f, ∇f)``).
+
+    ``scale`` (positive, one per element of θ) runs the descent in z = (θ − θ₀) / scale:
+    with the square roots of the inverse diagonal of a Hessian approximation
+    (:func:`lmmfast.information.average_information`) its first steps are already in
+    proportion, which L-BFGS otherwise learns over many evaluations (kb07-like fits: about
+    half the evaluations).  Bounds stay bounds (the map is diagonal); the gradient tolerance
+    applies to the gradient in z, and everything reported is in θ.
 
     Stops when the projected gradient's largest component is below ``gtol`` or the
     relative decrease below ``ftol``.  ``gtol`` defaults to 1e-10 × max(|f(θ₀)|, 10⁵):
@@ -168,6 +175,13 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=None, ftol=1e-15, maxeval=100000,
     summ = OptSummary("lbfgs", x0.copy(), lower.copy(), xtol_abs=0.0, ftol_abs=0.0,
                       ftol_rel=ftol, maxeval=maxeval)
     last = {}
+    s = np.ones_like(x0) if scale is None else np.asarray(scale, dtype=float)
+    c = np.zeros_like(x0) if scale is None else x0.copy()
+    if s.shape != x0.shape or not np.all(np.isfinite(s) & (s > 0)):
+        raise ValueError("scale must hold one positive number per element of θ")
+
+    def to_z(x):
+        return (np.asarray(x, dtype=float) - c) / s
 
     def fonly(x):
         return fg(x)[0]
@@ -176,7 +190,15 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=None, ftol=1e-15, maxeval=100000,
 
     stall = {"n": 0, "f": math.inf, "x": None, "g": None}
 
-    def fgc(x):
+    def to_theta(z):
+        # L-BFGS-B keeps z within its bounds; the clip only removes the rounding of the map
+        return np.maximum(c + s * np.asarray(z, dtype=float), lower)
+
+    def fgc(z):
+        val, g = fgx(to_theta(z))
+        return val, g * s
+
+    def fgx(x):
         x = np.asarray(x, dtype=float)
         if "x" in last and np.array_equal(last["x"], x):     # scipy re-asks for θ₀
             val, g = last["f"], last["g"]
@@ -201,19 +223,23 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=None, ftol=1e-15, maxeval=100000,
     def descend(start):
         stall["n"] = 0
         try:
-            return so.minimize(fgc, start, jac=True, method="L-BFGS-B", bounds=bounds,
-                               options=dict(ftol=ftol, gtol=gtol, maxcor=20,
-                                            maxfun=max(1, int(maxeval) - f.n),
-                                            maxiter=int(maxeval)))
+            r = so.minimize(fgc, to_z(start), jac=True, method="L-BFGS-B", bounds=bounds,
+                            options=dict(ftol=ftol, gtol=gtol, maxcor=20,
+                                         maxfun=max(1, int(maxeval) - f.n),
+                                         maxiter=int(maxeval)))
+            r.x = to_theta(r.x)                                    # back to θ
+            if getattr(r, "jac", None) is not None:
+                r.jac = np.asarray(r.jac) / s
+            return r
         except _Stalled:
             return so.OptimizeResult(x=stall["x"], fun=stall["f"], jac=stall["g"], success=True,
                                      status=0, message="STALLED AT THE ROUNDING LEVEL")
 
     if gtol is None:
-        f0 = fgc(x0)[0]
+        f0 = fgx(x0)[0]
         gtol = 1e-10 * max(abs(f0) if f0 < 1e300 else 0.0, 1e5)
     t0 = time.perf_counter()
-    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in to_z(lower)]
     start = x0
     x = fx = r = None
     for attempt in range(4):
@@ -232,7 +258,7 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=None, ftol=1e-15, maxeval=100000,
             break
         probe = np.where(edge, lower + probe_step, x)
         stall["n"] = 0
-        fp, gp = fgc(probe)
+        fp, gp = fgx(probe)
         inward = edge & (np.asarray(gp) < 0)
         if fp >= fx and not inward.any():
             break
