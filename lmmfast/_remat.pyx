@@ -466,6 +466,78 @@ def panel_scatter_reference(indptr, rows, P, B, D):
     return np.bincount(rows, weights=(P * B[level]).sum(axis=1), minlength=D).astype(float)
 
 
+
+def panel_dot_many(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
+                   const double[:, ::1] P, const double[:, ::1] W):
+    """:func:`panel_dot` for K vectors at once: ``out[j] = P_j' W[rows_j]``.
+
+    ``W`` is (D, K), the vectors side by side; returns an (m, k, K) array.  One pass over
+    the panels (K multiply-adds, contiguous, per panel entry).
+    Oracle: :func:`panel_dot_many_reference`.
+    """
+    cdef Py_ssize_t m = _check_panels(indptr, rows, P, W.shape[0]), k = P.shape[1]
+    cdef Py_ssize_t K = W.shape[1], j, t, c, u
+    out = np.zeros((m, k, K))
+    cdef double[:, :, ::1] o = out
+    cdef double s
+    cdef double* orow
+    cdef const double* wrow
+    if m == 0 or k == 0 or K == 0:
+        return out
+    with nogil:
+        for j in range(m):
+            for t in range(indptr[j], indptr[j + 1]):
+                wrow = &W[rows[t], 0]
+                for c in range(k):
+                    s = P[t, c]
+                    orow = &o[j, c, 0]
+                    for u in range(K):
+                        orow[u] += s * wrow[u]
+    return out
+
+
+def panel_dot_many_reference(indptr, rows, P, W):
+    """numpy oracle of :func:`panel_dot_many`."""
+    W = np.asarray(W)
+    return np.stack([panel_dot_reference(indptr, rows, P, W[:, u]) for u in range(W.shape[1])],
+                    axis=2) if W.shape[1] else np.zeros((len(indptr) - 1, P.shape[1], 0))
+
+
+def panel_scatter_many(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows,
+                       const double[:, ::1] P, const double[:, :, ::1] B, Py_ssize_t D):
+    """:func:`panel_scatter` for K vectors at once: ``out[rows_j] += P_j B[j]``.
+
+    ``B`` is (m, k, K); returns a (D, K) array.  Oracle: :func:`panel_scatter_many_reference`.
+    """
+    cdef Py_ssize_t m = _check_panels(indptr, rows, P, D), k = P.shape[1]
+    if B.shape[0] != m or B.shape[1] != k:
+        raise ValueError("B must have one row per level and the panels' columns")
+    cdef Py_ssize_t K = B.shape[2], j, t, c, u
+    out = np.zeros((max(D, 0), K))
+    cdef double[:, ::1] o = out
+    cdef double s
+    cdef double* orow
+    cdef const double* brow
+    if m == 0 or k == 0 or K == 0 or D <= 0:
+        return out
+    with nogil:
+        for j in range(m):
+            for t in range(indptr[j], indptr[j + 1]):
+                orow = &o[rows[t], 0]
+                for c in range(k):
+                    s = P[t, c]
+                    brow = &B[j, c, 0]
+                    for u in range(K):
+                        orow[u] += s * brow[u]
+    return out
+
+
+def panel_scatter_many_reference(indptr, rows, P, B, D):
+    """numpy oracle of :func:`panel_scatter_many`."""
+    B = np.asarray(B)
+    return np.stack([panel_scatter_reference(indptr, rows, P, B[:, :, u], D)
+                     for u in range(B.shape[2])], axis=1) if B.shape[2] else np.zeros((D, 0))
+
 def panel_batches(const cnp.int64_t[::1] indptr, const cnp.int64_t[::1] rows):
     """Boundaries of runs of consecutive levels whose panels cover the same contiguous
     rows (``blocks.BlockedCrossprod``: they downdate in one rank-k update).

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg.blas import dtrsm
 
-from ._remat import panel_dot, panel_scatter
+from ._remat import panel_dot_many, panel_scatter_many
 from .gradient import _lam_t_rows, z_residual
 from .remat import _tril_colmajor
 
@@ -75,42 +75,40 @@ def average_information(pls, reml: bool) -> np.ndarray:
     dirs = _directions(zes, Ts, xp.term_shapes)
     K = sum(v.shape[2] for _, v in dirs)
     q = np.concatenate([np.einsum("mk,mkt->t", zes[i], v) for i, v in dirs])
-    # Z'Z v for every direction (one row each): term 1 part (K, m1, k1), dense part (K, D)
-    V1 = np.zeros((K, m1, k1))
-    Vr = np.zeros((K, D))
+    # Z'Z v for every direction (side by side): term 1 part (m1, k1, K), dense part (D, K)
+    V1 = np.zeros((m1, k1, K))
+    Vr = np.zeros((D, K))
     col = 0
     for i, v in dirs:
         Ki = v.shape[2]
         if i == 0:
-            V1[col: col + Ki] = v.transpose(2, 0, 1)
+            V1[:, :, col: col + Ki] = v
         else:
             o = xp.rest_offsets[i - 1]
             m, k = xp.term_shapes[i]
-            Vr[col: col + Ki, o: o + m * k] = v.reshape(m * k, Ki).T
+            Vr[o: o + m * k, col: col + Ki] = v.reshape(m * k, Ki)
         col += Ki
-    G1 = np.einsum("jab,tjb->tja", xp.A11, V1)
-    Gr = Vr[:, :nz] @ xp.A22[:nz, :]                # A22 is symmetric
-    for t in range(K):
-        G1[t] += panel_dot(xp.indptr, xp.rows, xp.A21, Vr[t])
-        Gr[t] += panel_scatter(xp.indptr, xp.rows, xp.A21, V1[t], D)
+    G1 = np.einsum("jab,jbt->jat", xp.A11, V1)
+    G1 += panel_dot_many(xp.indptr, xp.rows, xp.A21, Vr)
+    Gr = xp.A22[:, :nz] @ Vr[:nz]
+    Gr += panel_scatter_many(xp.indptr, xp.rows, xp.A21, V1, D)
     # v_j'Z'Z v_k
-    G = np.einsum("tja,sja->ts", V1, G1) + Vr[:, :nz] @ Gr[:, :nz].T
+    G = np.einsum("jat,jas->ts", V1, G1) + Vr[:nz].T @ Gr[:nz]
     # f = L⁻¹ [Λ'Z'Z v; X'Z v]: term 1 (L11 per level), then the dense block
-    C1 = np.einsum("ab,tja->tjb", pls.T1, G1)      # T1' per level
+    C1 = np.einsum("ab,jat->jbt", pls.T1, G1)      # T1' per level
     F1 = np.empty_like(C1)
     L11 = pls.L11
     for a in range(k1):                              # forward substitution, all levels at once
-        acc = C1[:, :, a] - np.einsum("jb,tjb->tj", L11[:, a, :a], F1[:, :, :a])
-        F1[:, :, a] = acc / L11[:, a, a][None, :]
+        acc = C1[:, a, :] - np.einsum("jb,jbt->jt", L11[:, a, :a], F1[:, :a, :])
+        F1[:, a, :] = acc / L11[:, a, a][:, None]
     C2 = np.zeros((D, K))
-    C2[:Dm] = _lam_t_rows(np.ascontiguousarray(Gr[:, :Dm].T), xp, pls.rscale, pls.Tflat, Dm)
-    for t in range(K):
-        C2[:, t] -= panel_scatter(xp.indptr, xp.rows, pls.L21, F1[t], D)
+    C2[:Dm] = _lam_t_rows(Gr[:Dm], xp, pls.rscale, pls.Tflat, Dm)
+    C2 -= panel_scatter_many(xp.indptr, xp.rows, pls.L21, F1, D)
     C2[Dm:] = 0.0
     # L22 (row-major lower) is column-major upper U = L22': solve U' x = c; the y row
     # (last) is zero on the right and below the rows wanted, so the full factor serves
     F2 = dtrsm(1.0, pls.L22.T, np.asfortranarray(C2), lower=0, trans_a=1)[:Dm]
-    FF = np.einsum("tja,sja->ts", F1, F1) + F2.T @ F2
+    FF = np.einsum("jat,jas->ts", F1, F1) + F2.T @ F2
     _, _, r2 = pls.pieces()
     N = xp.n - p if reml else xp.n
     H = (N / r2) * (G - FF - np.outer(q, q) / r2)

@@ -190,6 +190,46 @@ def test_panel_dot_rejects_bad_input():
         _remat.panel_scatter(indptr, rows, P, np.ones((2, 1)), 4)
 
 
+
+def _panels(rng, m, D, k):
+    sizes = rng.integers(0, min(D, 6) + 1, m)            # empty panels included
+    indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    rows = np.concatenate([np.sort(rng.choice(D, s, replace=False)) for s in sizes]
+                          + [np.zeros(0)]).astype(np.int64)
+    return indptr, rows, rng.normal(size=(len(rows), k))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 30), st.integers(1, 40), st.integers(1, 4), st.integers(0, 5),
+       st.integers(0, 2**31 - 1))
+def test_panel_products_of_many_vectors_match_numpy(m, D, k, K, seed):
+    """panel_dot_many / panel_scatter_many against their oracles and against the
+    one-vector kernels column by column (K = 0 included)."""
+    rng = np.random.default_rng(seed)
+    indptr, rows, P = _panels(rng, m, D, k)
+    W = rng.normal(size=(D, K))
+    B = rng.normal(size=(m, k, K))
+    dot = _remat.panel_dot_many(indptr, rows, P, W)
+    sc = _remat.panel_scatter_many(indptr, rows, P, B, D)
+    assert dot.shape == (m, k, K) and sc.shape == (D, K)
+    np.testing.assert_allclose(dot, _remat.panel_dot_many_reference(indptr, rows, P, W),
+                               rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(sc, _remat.panel_scatter_many_reference(indptr, rows, P, B, D),
+                               rtol=1e-13, atol=1e-13)
+    for u in range(K):
+        np.testing.assert_allclose(dot[:, :, u], _remat.panel_dot(indptr, rows, P, W[:, u].copy()),
+                                   rtol=1e-13, atol=1e-13)
+
+
+def test_panel_products_of_many_vectors_reject_bad_input():
+    indptr = np.array([0, 2], dtype=np.int64)
+    rows = np.array([0, 3], dtype=np.int64)
+    P = np.ones((2, 1))
+    with pytest.raises(ValueError, match="rows"):
+        _remat.panel_dot_many(indptr, rows, P, np.ones((3, 2)))
+    with pytest.raises(ValueError, match="B must"):
+        _remat.panel_scatter_many(indptr, rows, P, np.ones((1, 2, 2)), 4)
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 30), st.integers(1, 40), st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_panel_scatter_matches_numpy(m, D, k, seed):
