@@ -2,7 +2,7 @@
 
 Formed once per model; after that nothing per θ depends on the number of rows n.
 
-Layout (see ``_pls.pyx``): the first term (most levels) is block 1, with block-diagonal
+Layout (see ``_blockchol.pyx``): the first term (most levels) is block 1, with block-diagonal
 ``A11 = Z1'Z1`` (one k1 × k1 block per level).  The remaining terms, the columns of X and y
 form the dense block of size ``D = q_rest + p + 1``:
 ``A22 = [Z_rest X y]'[Z_rest X y]``.  The coupling ``A21 = [Z_rest X y]'Z1`` is stored
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _pls
+from . import _blockchol, _pls
 from ._remat import dense_crossprod, level_xy_sums, panel_batches
 from .fixed import xy_gram as xy_gram_of
 from .remat import weighted_counts
@@ -83,13 +83,13 @@ class BlockedCrossprod:
             self.heavy = np.zeros(0, dtype=np.int64)
         else:
             nr = np.diff(self.indptr)
-            single = _pls.single_levels(self.batch, self.m1)
+            single = _blockchol.single_levels(self.batch, self.m1)
             if heavy_rows is None:   # and big enough for BLAS to pay
                 heavy = single & (nr > max(D // 8, 1)) & (nr * self.k1 >= 256)
             else:
                 heavy = single & (nr > heavy_rows)
             self.heavy = np.flatnonzero(heavy).astype(np.int64)
-        # Row-wise (transposed) downdate when L22 is too big for the cache (see _pls).
+        # Row-wise (transposed) downdate when L22 is too big for the cache (see _blockchol).
         if transposed is None:
             transposed = D * D * 8 > 4 * 2 ** 20
         self.tptr = self.tidx = self.tlev = None
@@ -99,8 +99,8 @@ class BlockedCrossprod:
             # batched levels go through one rank-k update per batch, heavy ones through
             # dsyrk; the panels of the others, transposed (CSR -> CSC, a counting sort):
             # per random-effects row of the dense block, the levels touching it (ascending)
-            # and where.  The X/y rows are downdated column-wise (``_pls.xy_accumulate``).
-            rowwise = _pls.single_levels(self.batch, self.m1)     # not heavy either
+            # and where.  The X/y rows are downdated column-wise (``_blockchol.xy_accumulate``).
+            rowwise = _blockchol.single_levels(self.batch, self.m1)     # not heavy either
             rowwise[self.heavy] = False
             lev = np.repeat(np.arange(self.m1, dtype=np.int64), np.diff(self.indptr))
             keep = np.flatnonzero(rowwise[lev] & (self.rows < nz))
@@ -177,7 +177,7 @@ class BlockedCrossprod:
                     for b in range(tl.k):
                         A22[ol + ll * tl.k + b, oi + li * ki + a] = weighted_counts(
                             inv, len(li), ti.column(a), tl.column(b))
-        _pls.symmetrize_lower(A22)                     # symmetrise from the lower triangle
+        _blockchol.symmetrize_lower(A22)                     # symmetrise from the lower triangle
         return A22
 
     @staticmethod

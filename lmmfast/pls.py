@@ -9,8 +9,9 @@ Notation of Bates, Mächler, Bolker & Walker (2015), JSS 67(1), section 3:
 * REML: ``-2 ℓ_R(θ) = log|L_θ|² + log|R_X|² + (n-p)(1 + log(2π r²/(n-p)))`` (eq. 41)
 
 :class:`BlockedPLS` computes all of these from one blocked Cholesky factor of the
-augmented matrix Ω(θ) (see ``_pls.pyx``); :func:`dense_factor` and :func:`dense_objective`
-are the dense numpy oracles the tests compare it with.
+augmented matrix Ω(θ) (``_pls.pyx``, its kernel in ``_blockchol.pyx``);
+:func:`dense_factor` and :func:`dense_objective` are the dense numpy oracles the tests
+compare it with.
 """
 from __future__ import annotations
 

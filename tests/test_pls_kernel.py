@@ -1,4 +1,4 @@
-"""The compiled blocked Cholesky kernel (``lmmfast._pls``) against dense linear algebra.
+"""The compiled blocked Cholesky kernel (``lmmfast._blockchol``, ``lmmfast._pls``) against dense linear algebra.
 
 Random block structures (hypothesis): a first term with m1 levels and k1 = 1..3 columns,
 0..2 further terms with k = 1..3 columns and a few levels (sometimes on the first term's
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmmfast import LinearMixedModel, _pls
+from lmmfast import LinearMixedModel, _blockchol, _pls
 from lmmfast.blocks import BlockedCrossprod
 from lmmfast.pls import BlockedPLS, dense_factor, dense_lambda, dense_objective
 from helpers import dense_parts, random_theta
@@ -114,7 +114,7 @@ def run_kernel(model, theta):
     L11 = np.zeros_like(xp.A11)
     L21 = np.zeros_like(xp.A21)
     L22 = np.zeros_like(xp.A22)
-    info = _pls.update_blocked(xp.A11, T1, xp.indptr, xp.rows, xp.A21, xp.A22, xp.nz,
+    info = _blockchol.update_blocked(xp.A11, T1, xp.indptr, xp.rows, xp.A21, xp.A22, xp.nz,
                                rscale, rk, rtoff, tflat, L11, L21, L22)
     return info, L11, L21, L22, xp
 
@@ -306,7 +306,7 @@ ORDER = ["A11", "T1", "indptr", "rows", "A21", "A22", "nz", "rscale", "rk", "rto
 
 
 def _call(args):
-    return _pls.update_blocked(*[args[k] for k in ORDER])
+    return _blockchol.update_blocked(*[args[k] for k in ORDER])
 
 
 def test_valid_arguments_succeed():
@@ -316,7 +316,7 @@ def test_valid_arguments_succeed():
 def test_check_only_validates_without_writing():
     args = _valid_args()
     args["L22_out"][:] = 7.0
-    assert _pls.update_blocked(*[args[k] for k in ORDER], check_only=True) == 0
+    assert _blockchol.update_blocked(*[args[k] for k in ORDER], check_only=True) == 0
     assert np.all(args["L22_out"] == 7.0)
 
 
@@ -406,10 +406,10 @@ def test_symmetrize_lower_matches_numpy(n):
     rng = np.random.default_rng(5)
     A = rng.normal(size=(n, n))
     ref = np.tril(A) + np.tril(A, -1).T
-    _pls.symmetrize_lower(A)
+    _blockchol.symmetrize_lower(A)
     np.testing.assert_array_equal(A, ref)
     with pytest.raises(ValueError):
-        _pls.symmetrize_lower(np.zeros((3, 4)))
+        _blockchol.symmetrize_lower(np.zeros((3, 4)))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -440,7 +440,7 @@ def test_wrapper_rejects_bad_heavy_levels():
     m1 = args["A11"].shape[0]
     for heavy in ([m1], [-1], [1, 0]):
         with pytest.raises(ValueError, match="heavy"):
-            _pls.update_blocked(*[args[k] for k in ORDER], heavy=np.array(heavy, dtype=np.int64))
+            _blockchol.update_blocked(*[args[k] for k in ORDER], heavy=np.array(heavy, dtype=np.int64))
 
 
 def test_factor_object_rejects_bad_heavy_levels():
