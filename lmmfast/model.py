@@ -138,8 +138,9 @@ class LinearMixedModel:
         (:func:`lmmfast.information.average_information`): 1/√H_kk, the step that changes
         the objective by about ½ — the scale an approximate Hessian gives L-BFGS-B from its
         first step.  Diagonals of H below 10⁻⁸ of their largest (elements the objective
-        hardly depends on there) are raised to that; where H cannot be formed (the
-        objective is not finite at ``theta``) every scale is 1."""
+        hardly depends on there, such as those of a column of T at 0) are raised to that,
+        and no scale exceeds max(1, |θ_k|); where H cannot be formed (the objective is not
+        finite at ``theta``) every scale is 1."""
         from .information import average_information
 
         theta = np.asarray(theta, dtype=float).ravel()
@@ -149,7 +150,8 @@ class LinearMixedModel:
         top = float(np.max(h, initial=0.0))
         if not np.isfinite(top) or top <= 0.0:
             return np.ones(self.ntheta)
-        return 1.0 / np.sqrt(np.maximum(h, 1e-8 * top))
+        return np.minimum(1.0 / np.sqrt(np.maximum(h, 1e-8 * top)),
+                          np.maximum(1.0, np.abs(theta)))
 
     # ------------------------------------------------------------------ fitting
     def moment_start(self) -> np.ndarray:

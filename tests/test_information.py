@@ -68,3 +68,23 @@ def test_information_approximates_the_hessian_at_the_optimum(reml):
     Hn = 0.5 * (Hn + Hn.T)
     tol = 1e-5 if reml else 0.1
     np.testing.assert_allclose(H, Hn, rtol=tol, atol=tol * np.abs(Hn).max())
+
+
+def test_information_scale():
+    """1/√H_kk from the oracle's diagonal; capped at max(1, |θ_k|) where a column of T is
+    0 (H_kk = 0 there); ones where the objective is not finite."""
+    df = _sim()
+    m = lmmfast.LinearMixedModel("y ~ x + (1 + x + z|g1) + (1|g2) + (x|g3)", df, REML=True)
+    th = random_theta(m, np.random.default_rng(4))
+    Z, X, y = dense_parts(m)
+    Hd = dense_information(Z, X, y, m.terms, th, m.theta_offsets, True)
+    np.testing.assert_allclose(m.information_scale(th),
+                               np.minimum(1 / np.sqrt(np.diag(Hd)), np.maximum(1, np.abs(th))),
+                               rtol=1e-6)
+    zero = th.copy()
+    zero[5] = 0.0                        # T1's last diagonal: its column is 0
+    s = m.information_scale(zero)
+    assert np.all(np.isfinite(s) & (s > 0)) and s[5] == 1.0
+    bad = th.copy()
+    bad[0] = np.nan
+    np.testing.assert_array_equal(m.information_scale(bad), np.ones(m.ntheta))
