@@ -71,13 +71,13 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
         for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
             q = m * k
             # Σ_l Σ_r M⁻¹[(l,b), r] AL[r, (l,a)], with M⁻¹ symmetric: column blocks of
-            # both (views, no transposed copies)
-            Mi = Minv[:, o: o + q].reshape(Dp, m, k)
-            Ai = AL[:, o: o + q].reshape(Dp, m, k)
+            # both (no transposed copies); for k > 1 one (k × Dp·m)(Dp·m × k) product
             if k == 1:
                 G = np.array([[np.einsum("ij,ij->", Minv[:, o: o + q], AL[:, o: o + q])]])
             else:
-                G = np.einsum("rlb,rla->ba", Mi, Ai)                    # (b, a)
+                Mi = np.ascontiguousarray(Minv[:, o: o + q]).reshape(-1, k)
+                Ai = np.ascontiguousarray(AL[:, o: o + q]).reshape(-1, k)
+                G = Mi.T @ Ai                                            # (b, a)
             G += out2[o: o + q, :k].reshape(m, k, k).sum(axis=0).T
             Gs.append(G)
     # ---- derivative of r²: Z'e from the cross-products
