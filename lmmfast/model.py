@@ -173,8 +173,9 @@ class LinearMixedModel:
             ``"bobyqa"``: nlopt's BOBYQA with lme4's bounds and tolerances (derivative
             free, lme4's default).  ``"lbfgs"``: L-BFGS-B with the analytic gradient of
             the objective (``method="blocked"``): several times fewer evaluations, each
-            dearer (about three evaluations' worth each), θ scaled by the average
-            information at the start (:meth:`information_scale`).  ``"auto"`` (default) takes
+            dearer (about three evaluations' worth each); from the moment start, θ scaled
+            by the average information there (:meth:`information_scale`).  ``"auto"``
+            (default) takes
             L-BFGS-B when θ has 8 or more elements, where BOBYQA's evaluation count grows
             fastest, and BOBYQA otherwise.
         start : "auto", "lme4", "moments" or array_like
@@ -222,7 +223,11 @@ class LinearMixedModel:
                              "method='blocked'; use optimizer='bobyqa' with method='cholmod'")
         if name == "lbfgs":
             if "scale" not in control:
-                control["scale"] = self.information_scale(x0)
+                # from the moment start (near the optimum) the average information is a
+                # good metric: kb07-like fits take half the evaluations, simulated maximal
+                # models 13 % fewer, none ending above BOBYQA's optimum; from lme4's
+                # T = I it is not (6 % more, 3 of 32 above BOBYQA's optimum by 0.01-0.06)
+                control["scale"] = self.information_scale(x0) if step is not None else None
             opt = minimize_lbfgs(self.objective_and_gradient, x0, self.theta_lower,
                                  verbose=verbose, callback=callback, **control)
         else:

@@ -153,13 +153,22 @@ def test_lbfgs_rejects_a_bad_scale():
             optsummary.minimize_lbfgs(f, np.zeros(2), np.array([0.0, 0.0]), scale=bad)
 
 
-def test_kb07_lbfgs_information_scale_reaches_the_unscaled_optimum():
-    """A small kb07-like maximal model (two 8×8 T, 72 θ): the scaled descent (the
-    default) ends no worse than the unscaled one."""
+def test_kb07_lbfgs_information_scale_reaches_the_unscaled_optimum(monkeypatch):
+    """A small kb07-like maximal model (two 8×8 T, 72 θ) from the moment start: the
+    scaled descent (the default there) ends no worse than the unscaled one; from lme4's
+    start (the default below 1,000 rows) nothing is scaled."""
     import lmmfast
+    from lmmfast.model import LinearMixedModel
 
     df, truth = lmmfast.simulate.kb07_like(nsubj=16, nitem=12, seed=5)
-    plain = lmmfast.lmer(truth["formula"], df, REML=True, scale=None)
-    scaled = lmmfast.lmer(truth["formula"], df, REML=True)
+    plain = lmmfast.lmer(truth["formula"], df, REML=True, start="moments", scale=None)
+    scaled = lmmfast.lmer(truth["formula"], df, REML=True, start="moments")
     assert scaled.optsummary.optimizer == "lbfgs" and scaled.optsummary.converged
     assert scaled.objective <= plain.objective + 1e-6 * abs(plain.objective)
+    seen = []
+    monkeypatch.setattr(LinearMixedModel, "information_scale",
+                        lambda self, th: seen.append(th) or np.ones(self.ntheta))
+    lmmfast.lmer(truth["formula"], df, REML=True)                  # 192 rows: lme4's start
+    assert not seen
+    lmmfast.lmer(truth["formula"], df, REML=True, start="moments")
+    assert len(seen) == 1
