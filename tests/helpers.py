@@ -90,3 +90,33 @@ def random_theta(model, rng, zero_prob=0.0):
         else:
             th[i] = rng.normal(scale=1.0)
     return th
+
+
+# ---------------------------------------------------------------- models for the θ-derivatives
+def sim_three_factors(seed=0, n=400):
+    """Three crossed factors (30, 8 and 5 levels), two covariates, random slopes on x."""
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"g1": rng.integers(0, 30, n).astype(str), "g2": rng.integers(0, 8, n).astype(str),
+                       "g3": rng.integers(0, 5, n).astype(str),
+                       "x": rng.normal(size=n), "z": rng.normal(size=n)})
+    df["y"] = (rng.normal(size=n) + df.x + rng.normal(size=30)[df.g1.astype(int)]
+               + rng.normal(size=8)[df.g2.astype(int)] * (1 + df.x))
+    return df
+
+
+# (data, formula): scalar, vector, uncorrelated, nested and crossed terms, for the tests of
+# the gradient and of the average information ("sim": :func:`sim_three_factors`)
+DERIVATIVE_MODELS = [
+    ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),
+    ("sleepstudy", "Reaction ~ Days + (Days || Subject)"),
+    ("penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
+    ("pastes", "strength ~ 1 + (1 | batch/cask)"),
+    ("sim", "y ~ x + (1|g1) + (1 + x|g2)"),
+    ("sim", "y ~ x + z + (1 + x|g1) + (1 + x + z|g2) + (0 + z|g3)"),
+    ("sim", "y ~ x + (1 + x + z|g1) + (1|g2) + (x|g3)"),
+    ("sim", "y ~ 1 + (1|g2) + (1|g1)"),
+]
+
+
+def derivative_data(name):
+    return sim_three_factors() if name == "sim" else lmmfast.datasets.load(name)

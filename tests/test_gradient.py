@@ -1,7 +1,6 @@
 """The analytic gradient of the objective against central finite differences, and the
 gradient-based optimizer against lme4's optimum."""
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,38 +9,13 @@ import lmmfast
 from lmmfast import _gradient
 from lmmfast.gradient import numeric_gradient
 
-from helpers import CASES, load_csv, load_ref
-
-
-def _sim(seed=0, n=400):
-    rng = np.random.default_rng(seed)
-    df = pd.DataFrame({"g1": rng.integers(0, 30, n).astype(str), "g2": rng.integers(0, 8, n).astype(str),
-                       "g3": rng.integers(0, 5, n).astype(str),
-                       "x": rng.normal(size=n), "z": rng.normal(size=n)})
-    df["y"] = (rng.normal(size=n) + df.x + rng.normal(size=30)[df.g1.astype(int)]
-               + rng.normal(size=8)[df.g2.astype(int)] * (1 + df.x))
-    return df
-
-
-MODELS = [
-    ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),
-    ("sleepstudy", "Reaction ~ Days + (Days || Subject)"),
-    ("penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
-    ("pastes", "strength ~ 1 + (1 | batch/cask)"),
-    ("sim", "y ~ x + (1|g1) + (1 + x|g2)"),
-    ("sim", "y ~ x + z + (1 + x|g1) + (1 + x + z|g2) + (0 + z|g3)"),
-    ("sim", "y ~ x + (1 + x + z|g1) + (1|g2) + (x|g3)"),
-]
-
-
-def _data(name):
-    return _sim() if name == "sim" else lmmfast.datasets.load(name)
+from helpers import CASES, DERIVATIVE_MODELS, derivative_data, load_csv, load_ref
 
 
 @pytest.mark.parametrize("reml", [False, True])
-@pytest.mark.parametrize("name,formula", MODELS)
+@pytest.mark.parametrize("name,formula", DERIVATIVE_MODELS)
 def test_gradient_matches_finite_differences(name, formula, reml):
-    m = lmmfast.LinearMixedModel(formula, _data(name), REML=reml, method="blocked")
+    m = lmmfast.LinearMixedModel(formula, derivative_data(name), REML=reml, method="blocked")
     rng = np.random.default_rng(abs(hash((formula, reml))) % 2**32)
     diag = m.theta_lower == 0
     th = np.where(diag, rng.uniform(0.2, 1.5, m.ntheta), rng.normal(scale=0.3, size=m.ntheta))

@@ -2,46 +2,19 @@
 oracle, and as the Hessian it approximates: near the optimum of a well-determined model it
 must be close to the finite-difference Hessian of the objective."""
 import numpy as np
-import pandas as pd
 import pytest
 
 import lmmfast
 from lmmfast.gradient import numeric_gradient
 from lmmfast.information import average_information, dense_information
 
-from helpers import dense_parts, random_theta
-
-
-def _sim(seed=0, n=300):
-    rng = np.random.default_rng(seed)
-    df = pd.DataFrame({"g1": rng.integers(0, 25, n).astype(str), "g2": rng.integers(0, 7, n).astype(str),
-                       "g3": rng.integers(0, 4, n).astype(str),
-                       "x": rng.normal(size=n), "z": rng.normal(size=n)})
-    df["y"] = (rng.normal(size=n) + df.x + rng.normal(size=25)[df.g1.astype(int)]
-               + rng.normal(size=7)[df.g2.astype(int)] * (1 + df.x))
-    return df
-
-
-MODELS = [
-    ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),
-    ("sleepstudy", "Reaction ~ Days + (Days || Subject)"),
-    ("penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
-    ("pastes", "strength ~ 1 + (1 | batch/cask)"),
-    ("sim", "y ~ x + (1|g1) + (1 + x|g2)"),
-    ("sim", "y ~ x + z + (1 + x|g1) + (1 + x + z|g2) + (0 + z|g3)"),
-    ("sim", "y ~ x + (1 + x + z|g1) + (1|g2) + (x|g3)"),
-    ("sim", "y ~ 1 + (1|g2) + (1|g1)"),
-]
-
-
-def _data(name):
-    return _sim() if name == "sim" else lmmfast.datasets.load(name)
+from helpers import DERIVATIVE_MODELS, dense_parts, derivative_data, random_theta, sim_three_factors
 
 
 @pytest.mark.parametrize("reml", [False, True])
-@pytest.mark.parametrize("name,formula", MODELS)
+@pytest.mark.parametrize("name,formula", DERIVATIVE_MODELS)
 def test_information_matches_dense_oracle(name, formula, reml):
-    m = lmmfast.LinearMixedModel(formula, _data(name), REML=reml, method="blocked")
+    m = lmmfast.LinearMixedModel(formula, derivative_data(name), REML=reml, method="blocked")
     rng = np.random.default_rng(abs(hash((formula, reml))) % 2**32)
     th = random_theta(m, rng)
     m.objective(th)
@@ -73,7 +46,7 @@ def test_information_approximates_the_hessian_at_the_optimum(reml):
 def test_information_scale():
     """1/√H_kk from the oracle's diagonal; capped at max(1, |θ_k|) where a column of T is
     0 (H_kk = 0 there); ones where the objective is not finite."""
-    df = _sim()
+    df = sim_three_factors()
     m = lmmfast.LinearMixedModel("y ~ x + (1 + x + z|g1) + (1|g2) + (x|g3)", df, REML=True)
     th = random_theta(m, np.random.default_rng(4))
     Z, X, y = dense_parts(m)
