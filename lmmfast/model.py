@@ -175,9 +175,9 @@ class LinearMixedModel:
             the objective (``method="blocked"``): several times fewer evaluations, each
             dearer (about three evaluations' worth each); from the moment start, θ scaled
             by the average information there (:meth:`information_scale`).  ``"auto"``
-            (default) takes
-            L-BFGS-B when θ has 8 or more elements, where BOBYQA's evaluation count grows
-            fastest, and BOBYQA otherwise.
+            (default) takes L-BFGS-B when θ has 8 or more elements, where BOBYQA's
+            evaluation count grows fastest (and it stops short of the optimum more often),
+            and BOBYQA otherwise.
         start : "auto", "lme4", "moments" or array_like
             Starting θ.  ``"lme4"``: 1 on diagonals, 0 elsewhere.  ``"moments"``:
             :meth:`moment_start`, which takes about half the evaluations of lme4's start
