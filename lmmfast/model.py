@@ -15,7 +15,7 @@ from .bars import parse_formula
 from .blocks import BlockedCrossprod
 from .errors import DataError
 from .fixed import drop_aliased, fixed_matrix, model_frame, response, xy_gram
-from .optsummary import minimize_bobyqa, minimize_lbfgs
+from .optsummary import minimize_bobyqa, minimize_lbfgs, minimize_newton
 from .pls import BlockedPLS
 from .sparsepls import SparsePLS, cholmod_available
 from .moments import moment_start
@@ -169,15 +169,19 @@ class LinearMixedModel:
 
         Parameters
         ----------
-        optimizer : {"auto", "bobyqa", "lbfgs"}
+        optimizer : {"auto", "bobyqa", "lbfgs", "newton"}
             ``"bobyqa"``: nlopt's BOBYQA with lme4's bounds and tolerances (derivative
             free, lme4's default).  ``"lbfgs"``: L-BFGS-B with the analytic gradient of
             the objective (``method="blocked"``): several times fewer evaluations, each
             dearer (about three evaluations' worth each); from the moment start, θ scaled
-            by the average information there (:meth:`information_scale`).  ``"auto"``
-            (default) takes L-BFGS-B when θ has 8 or more elements, where BOBYQA's
-            evaluation count grows fastest (and it stops short of the optimum more often),
-            and BOBYQA otherwise.
+            by the average information there (:meth:`information_scale`).  ``"newton"``
+            (``method="blocked"``): Newton steps on the average information with gradients
+            by finite differences in its metric (:func:`lmmfast.optsummary.minimize_newton`;
+            BOBYQA takes over where it stalls): from the moment start, half the evaluations
+            of BOBYQA or fewer.  ``"auto"`` (default) takes L-BFGS-B when θ has 8 or more
+            elements, where BOBYQA's evaluation count grows fastest (and it stops short of
+            the optimum more often); Newton from :data:`NEWTON_MIN_NOBS` observations with a
+            moment start, where evaluations cost milliseconds to seconds; BOBYQA otherwise.
         start : "auto", "lme4", "moments" or array_like
             Starting θ.  ``"lme4"``: 1 on diagonals, 0 elsewhere.  ``"moments"``:
             :meth:`moment_start`, which takes about half the evaluations of lme4's start
@@ -191,7 +195,8 @@ class LinearMixedModel:
         **control
             For BOBYQA ``xtol_abs``, ``ftol_abs``, ``ftol_rel``, ``maxeval``,
             ``initial_step``; for L-BFGS-B ``gtol``, ``ftol``, ``maxeval``, ``scale``
-            (one positive number per element of θ, or None for none).
+            (one positive number per element of θ, or None for none); for Newton
+            ``delta``, ``stop``, ``maxiter``.
 
         Returns
         -------
@@ -214,14 +219,32 @@ class LinearMixedModel:
         if np.any(x0 < self.theta_lower):
             raise ValueError("start violates the lower bounds of theta (diagonal elements >= 0)")
         name = optimizer.lower()
-        if name not in ("auto", "bobyqa", "nloptwrap", "lbfgs"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; available: 'auto', 'bobyqa', 'lbfgs'")
+        if name not in ("auto", "bobyqa", "nloptwrap", "lbfgs", "newton"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; available: 'auto', 'bobyqa', "
+                             "'lbfgs', 'newton'")
         if name == "auto":
-            name = "lbfgs" if self.method == "blocked" and self.ntheta >= 8 else "bobyqa"
-        if name == "lbfgs" and self.method != "blocked":
-            raise ValueError("optimizer='lbfgs' needs the analytic gradient, available with "
+            if self.method == "blocked" and self.ntheta >= 8:
+                name = "lbfgs"
+            elif self.method == "blocked" and step is not None and self.nobs >= NEWTON_MIN_NOBS:
+                name = "newton"
+            else:
+                name = "bobyqa"
+        if name in ("lbfgs", "newton") and self.method != "blocked":
+            raise ValueError(f"optimizer={name!r} needs the factor's derivatives, available with "
                              "method='blocked'; use optimizer='bobyqa' with method='cholmod'")
-        if name == "lbfgs":
+        if name == "newton":
+            from .information import average_information
+
+            bobyqa_step = None if step is None or np.isnan(step).all() else step * np.maximum(x0, 0.1)
+            opt = minimize_newton(
+                self.pls.objective_function(self.REML),
+                lambda: average_information(self.pls, self.REML), x0, self.theta_lower,
+                verbose=verbose, callback=callback,
+                fallback=lambda x: minimize_bobyqa(
+                    self.pls.objective_function(self.REML), x, self.theta_lower,
+                    initial_step=bobyqa_step, verbose=verbose, callback=callback),
+                **control)
+        elif name == "lbfgs":
             if "scale" not in control:
                 # from the moment start (near the optimum) the average information is a
                 # good metric: kb07-like fits take half the evaluations, simulated maximal
@@ -246,6 +269,12 @@ class LinearMixedModel:
     def __repr__(self):
         return (f"LinearMixedModel({self.formula.text!r}, n={self.nobs}, p={self.p}, "
                 f"terms={[str(t.bar) for t in self.terms]}, REML={self.REML})")
+
+
+# From this many observations (and a moment start), fits with fewer than 8 elements of θ
+# take Newton steps on the average information instead of BOBYQA: there an evaluation
+# costs milliseconds to seconds and the steps need half the evaluations or fewer.
+NEWTON_MIN_NOBS = 10_000
 
 
 def choose_method(terms, p: int, dense_limit: int = 2000, density: float = 0.25,

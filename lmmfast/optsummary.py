@@ -15,7 +15,7 @@ try:                      # built where nlopt's C library is found (libnlopt-dev
 except ImportError:       # pragma: no cover (then nlopt's Python interface runs the loop)
     _optim = None
 
-__all__ = ["OptSummary", "minimize_bobyqa", "minimize_lbfgs"]
+__all__ = ["OptSummary", "minimize_bobyqa", "minimize_lbfgs", "minimize_newton"]
 
 # nlopt's return codes
 _NLOPT_CODES = {
@@ -277,6 +277,127 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=None, ftol=1e-15, maxeval=100000,
     return _finish(summ, fonly, f, x, fx, lower, code,
                    {1: "CONVERGENCE", 4: "ABNORMAL_TERMINATION_IN_LNSRCH (at optimum)",
                     -1: str(r.message)}, t0)
+
+
+def minimize_newton(fn, information, x0, lower, *, delta=1e-2, stop=1e-5, maxiter=30,
+                    max_damping=1e6, verbose=False, callback=None, fallback=None):
+    """Minimise with Newton steps on the average information, gradients by finite
+    differences in its metric (``fn(θ) -> f``; ``information() -> H`` at the θ of the last
+    call of ``fn``, :func:`lmmfast.information.average_information`).
+
+    At θ, each element k is stepped by h_k = ``delta``/√H_kk (inward: every bound is a lower
+    bound), which changes the objective by about ½ delta²; the gradient is the forward
+    difference less the curvature H gives, g_k = (f(θ + h_k e_k) − f(θ))/h_k − ½ H_kk h_k
+    (exact for a quadratic with that curvature).  The step solves
+    (H_FF + λ diag H_FF) d = −g_F on the free elements F (all but those at their bound
+    with g pushing outward), projected onto the bounds; λ (Levenberg-Marquardt) starts at
+    0 and grows tenfold while a step does not lower the objective.  Near the optimum the
+    steps converge about quadratically (the information is the Hessian in expectation), so
+    a fit from the moment start takes n + 1 evaluations per step and 2-3 steps: InstEval
+    and the 1 M-row crossed rung in 9-13 evaluations where BOBYQA takes 15-24.
+
+    Stops before stepping when the step's predicted decrease −(g'd + ½ d'Hd) is below
+    max(10⁻⁹, 10⁻¹³ |f|) (the objective's rounding), or after an undamped step whose
+    predicted decrease was below ``stop`` + 10⁻¹² |f|: taken where it lowers the
+    objective (the next would gain about its square), left where it does not (a step that
+    small is lost in the rounding of the objective's differences).  Where the damping passes
+    ``max_damping``, or after ``maxiter`` steps, ``fallback(θ) -> OptSummary`` continues from
+    the best point (the caller passes BOBYQA).
+    """
+    x0 = np.asarray(x0, dtype=float)
+    lower = np.asarray(lower, dtype=float)
+    summ = OptSummary("newton", x0.copy(), lower.copy(), xtol_abs=0.0, ftol_abs=stop,
+                      ftol_rel=1e-12, maxeval=0)
+    t0 = time.perf_counter()
+    counter = _Counted(fn, verbose, callback)
+    bounded = np.isfinite(lower)
+    x = x0.copy()
+    fx = counter.record(x, fn(x))
+    code = 0
+    if not np.isfinite(fx):
+        code = -1
+    else:
+        H = np.asarray(information(), dtype=float)
+    it = 0
+    while code == 0:
+        if it >= maxiter:
+            code = 5
+            break
+        it += 1
+        hd = np.diag(H)
+        top = float(np.max(hd, initial=0.0))
+        if not (np.isfinite(top) and top > 0.0):
+            code = -4
+            break
+        hk = np.minimum(delta / np.sqrt(np.maximum(hd, 1e-8 * top)),
+                        0.1 * np.maximum(1.0, np.abs(x)))
+        g = np.empty_like(x)
+        for k in range(len(x)):
+            xk = x.copy()
+            xk[k] += hk[k]
+            fk = counter.record(xk, fn(xk))
+            if not np.isfinite(fk):
+                code = -1
+                break
+            g[k] = (fk - fx) / hk[k] - 0.5 * hd[k] * hk[k]
+        if code:
+            break
+        free = ~(bounded & (x <= lower) & (g > 0))
+        lam = 0.0
+        while True:
+            d = np.zeros_like(x)
+            d[free], ok = _damped_step(H[np.ix_(free, free)], g[free], lam)
+            pred = -(g @ d + 0.5 * d @ H @ d) if ok else 0.0
+            if ok and lam == 0.0 and pred <= max(1e-9, 1e-13 * abs(fx)):
+                code = 3
+                break
+            if ok:
+                xn = np.maximum(x + d, np.where(bounded, lower, -np.inf))
+                fn_ = counter.record(xn, fn(xn))
+                small = lam == 0.0 and pred <= stop + 1e-12 * abs(fx)
+                if fn_ < fx:
+                    x, fx = xn, fn_
+                    H = np.asarray(information(), dtype=float)
+                    if small:
+                        code = 1
+                    break
+                if small:          # a step within the objective's rounding: θ is the optimum
+                    code = 1
+                    break
+            lam = max(10.0 * lam, 1e-3)
+            if lam > max_damping:
+                code = -4
+                break
+    if code < 0 or code == 5:
+        if fallback is not None:
+            rest = fallback(counter.best_x if counter.best_x is not None else x)
+            rest.feval += counter.n
+            rest.optimizer = "newton+" + rest.optimizer
+            rest.initial = x0.copy()
+            rest.elapsed = time.perf_counter() - t0
+            return rest
+    summ.converged = code > 0
+    return _finish(summ, fn, counter, x, fx, lower, code,
+                   {1: "CONVERGENCE: LAST STEP'S PREDICTED DECREASE BELOW STOP",
+                    3: "CONVERGENCE: PREDICTED DECREASE AT ROUNDING LEVEL",
+                    5: "MAXITER_REACHED", -1: "OBJECTIVE NOT FINITE",
+                    -4: "DAMPING LIMIT: THE INFORMATION DOES NOT MODEL THE OBJECTIVE"}, t0)
+
+
+def _damped_step(H, g, lam):
+    """(d, ok): d solving (H + λ diag⁺H) d = −g by Cholesky, diag⁺H the diagonal of H
+    floored at 10⁻¹² of its largest entry; ok False where that matrix is not positive
+    definite (the caller raises λ)."""
+    if len(g) == 0:
+        return np.zeros(0), True
+    dg = np.diag(H)
+    floor = 1e-12 * max(float(np.max(np.abs(dg))), 1e-300)
+    A = H + np.diag(lam * np.maximum(dg, floor) + floor)
+    try:
+        c = np.linalg.cholesky(A)
+    except np.linalg.LinAlgError:
+        return np.zeros_like(g), False
+    return np.linalg.solve(c.T, np.linalg.solve(c, -g)), True
 
 
 def minimize_bobyqa(fn, x0, lower, *, xtol_abs=1e-8, ftol_abs=1e-8, ftol_rel=1e-12,

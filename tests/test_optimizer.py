@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import lmmfast.optsummary as optsummary
@@ -172,3 +173,90 @@ def test_kb07_lbfgs_information_scale_reaches_the_unscaled_optimum(monkeypatch):
     assert not seen
     lmmfast.lmer(truth["formula"], df, REML=True, start="moments")
     assert len(seen) == 1
+
+
+# ------------------------------------------ Newton steps on the information, finite differences
+def _newton_on(A, b, x0, lower, noise=0.0, **kw):
+    """minimize_newton on f = ½ x'Ax − b'x (+ rounding-like noise), with A as the information."""
+    rng = np.random.default_rng(0)
+    f = lambda x: 0.5 * x @ A @ x - b @ x + noise * rng.uniform(-1, 1)
+    return optsummary.minimize_newton(f, lambda: A, x0, lower, **kw)
+
+
+def test_newton_reaches_a_bounded_minimum():
+    """A quadratic whose information is its Hessian: the minimum (by construction, one
+    element at its bound) in a few steps of n + 1 evaluations; every iterate feasible."""
+    rng = np.random.default_rng(1)
+    R = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    A = R @ np.diag([50.0, 2.0, 0.3]) @ R.T
+    xs = np.array([0.0, 0.7, -1.5])
+    b = A @ xs - np.array([4.0, 0.0, 0.0])          # element 0 at its bound, multiplier 4
+    lower = np.array([0.0, 0.0, -np.inf])
+    seen = []
+    opt = _newton_on(A, b, np.array([1.0, 1.0, 1.0]), lower, callback=lambda n, x, f: seen.append(x))
+    assert opt.converged and opt.optimizer == "newton"
+    np.testing.assert_allclose(opt.final, xs, atol=1e-6)
+    assert opt.feval <= 4 * 4
+    assert all(np.all(x >= lower) for x in seen)
+
+
+def test_newton_stops_at_the_rounding_level():
+    """Noise of 10⁻⁹ on the objective: steps smaller than that are not chased (no damping
+    spiral, no fallback)."""
+    A = np.diag([4.0, 1.0])
+    b = np.array([1.0, -2.0])
+    called = []
+    opt = _newton_on(A, b, np.zeros(2), np.array([-np.inf, -np.inf]), noise=1e-9,
+                     fallback=lambda x: called.append(x))
+    assert opt.converged and not called
+    np.testing.assert_allclose(opt.final, np.linalg.solve(A, b), atol=1e-4)
+
+
+def test_newton_falls_back_where_the_information_misleads():
+    """An information with the wrong sign of the coupling (the objective's valley runs
+    along x1 = x2, the information's across it) makes the steps go nowhere: within
+    ``maxiter`` steps the fallback takes over from the best point, and the record says so."""
+    A = np.array([[1.0, 0.99], [0.99, 1.0]])
+    bad = np.array([[1.0, -0.99], [-0.99, 1.0]])
+    f = lambda x: 0.5 * x @ A @ x - x.sum()
+    got = {}
+
+    def fallback(x):
+        got["x"] = x
+        return optsummary.minimize_lbfgs(lambda t: (f(t), A @ t - 1.0), x,
+                                         np.array([-np.inf, -np.inf]))
+    opt = optsummary.minimize_newton(f, lambda: bad, np.array([3.0, -2.0]),
+                                     np.array([-np.inf, -np.inf]), max_damping=1e2,
+                                     maxiter=3, fallback=fallback)
+    np.testing.assert_allclose(opt.final, np.linalg.solve(A, np.ones(2)), atol=1e-5)
+    assert "x" in got and opt.optimizer == "newton+lbfgs"
+    assert f(got["x"]) <= f(np.array([3.0, -2.0]))                  # the best point so far
+
+
+@pytest.mark.parametrize("case_id", ["sleepstudy_reml", "penicillin_reml", "pastes_reml"])
+def test_newton_reaches_lme4_optimum(case_id):
+    """Explicit optimizer="newton" from the moment start on lme4's reference cases."""
+    ref = load_ref(case_id)
+    case = CASE_BY_ID[case_id]
+    fit = LinearMixedModel(case["py_formula"], case_data(case), REML=case["REML"]).fit(
+        optimizer="newton", start="moments")
+    assert fit.optsummary.optimizer.startswith("newton")
+    assert fit.objective <= ref["objective"] + 1e-7 * abs(ref["objective"]) + 1e-6
+    np.testing.assert_allclose(fit.theta, ref["theta"], atol=2e-3 * max(1.0, np.abs(ref["theta"]).max()))
+
+
+def test_auto_takes_newton_only_for_large_moment_started_fits():
+    import lmmfast
+    from lmmfast import model as model_mod
+
+    df = lmmfast.datasets.load("sleepstudy")
+    small = lmmfast.lmer("Reaction ~ Days + (Days | Subject)", df)
+    assert small.optsummary.optimizer == "bobyqa"
+    big = pd.concat([df.assign(Subject=df.Subject.astype(str) + f"_{i}") for i in range(60)],
+                    ignore_index=True)                                  # 10,800 rows
+    assert len(big) >= model_mod.NEWTON_MIN_NOBS
+    fit = lmmfast.lmer("Reaction ~ Days + (Days | Subject)", big)
+    assert fit.optsummary.optimizer.startswith("newton")
+    ref = lmmfast.lmer("Reaction ~ Days + (Days | Subject)", big, optimizer="bobyqa")
+    assert fit.objective <= ref.objective + 1e-9 * abs(ref.objective) + 1e-6
+    assert lmmfast.lmer("Reaction ~ Days + (Days | Subject)", big, start="lme4").optsummary.optimizer == "bobyqa"
