@@ -15,7 +15,7 @@ from .bars import parse_formula
 from .blocks import BlockedCrossprod
 from .errors import DataError
 from .fixed import drop_aliased, fixed_matrix, model_frame, response, xy_gram
-from .optsummary import minimize_bobyqa, minimize_lbfgs, minimize_newton
+from .optsummary import metric_scale, minimize_bobyqa, minimize_lbfgs, minimize_newton
 from .pls import BlockedPLS
 from .sparsepls import SparsePLS, cholmod_available
 from .moments import moment_start
@@ -146,12 +146,9 @@ class LinearMixedModel:
         theta = np.asarray(theta, dtype=float).ravel()
         if self.method != "blocked" or not np.isfinite(self.objective(theta)):
             return np.ones(self.ntheta)
-        h = np.diag(average_information(self.pls, self.REML))
-        top = float(np.max(h, initial=0.0))
-        if not np.isfinite(top) or top <= 0.0:
-            return np.ones(self.ntheta)
-        return np.minimum(1.0 / np.sqrt(np.maximum(h, 1e-8 * top)),
-                          np.maximum(1.0, np.abs(theta)))
+        scale = metric_scale(average_information(self.pls, self.REML),
+                             np.maximum(1.0, np.abs(theta)))
+        return np.ones(self.ntheta) if scale is None else scale
 
     # ------------------------------------------------------------------ fitting
     def moment_start(self) -> np.ndarray:
@@ -232,18 +229,27 @@ class LinearMixedModel:
         if name in ("lbfgs", "newton") and self.method != "blocked":
             raise ValueError(f"optimizer={name!r} needs the factor's derivatives, available with "
                              "method='blocked'; use optimizer='bobyqa' with method='cholmod'")
+        # BOBYQA's first trust region: about a third of the standard error of a moment
+        # estimate (it is close: 7-15 evaluations on large crossed models), nlopt's default
+        # (a quarter of |θ|, or 1) elsewhere.
+        first_step = (step * np.maximum(x0, 0.1)
+                      if step is not None and not np.isnan(step).all() else None)
+
+        def bobyqa(start, **ctl):
+            ctl.setdefault("initial_step", first_step)
+            compiled = getattr(self.pls, "compiled_objective", None)
+            return minimize_bobyqa(self.pls.objective_function(self.REML), start,
+                                   self.theta_lower, verbose=verbose, callback=callback,
+                                   compiled=compiled(self.REML, self.ntheta) if compiled else None,
+                                   **ctl)
+
         if name == "newton":
             from .information import average_information
 
-            bobyqa_step = None if step is None or np.isnan(step).all() else step * np.maximum(x0, 0.1)
             opt = minimize_newton(
                 self.pls.objective_function(self.REML),
                 lambda: average_information(self.pls, self.REML), x0, self.theta_lower,
-                verbose=verbose, callback=callback,
-                fallback=lambda x: minimize_bobyqa(
-                    self.pls.objective_function(self.REML), x, self.theta_lower,
-                    initial_step=bobyqa_step, verbose=verbose, callback=callback),
-                **control)
+                verbose=verbose, callback=callback, fallback=bobyqa, **control)
         elif name == "lbfgs":
             if "scale" not in control:
                 # from the moment start (near the optimum) the average information is a
@@ -254,16 +260,7 @@ class LinearMixedModel:
             opt = minimize_lbfgs(self.objective_and_gradient, x0, self.theta_lower,
                                  verbose=verbose, callback=callback, **control)
         else:
-            if step is not None and not np.isnan(step).all() and "initial_step" not in control:
-                # BOBYQA's first trust region: about a third of the standard error of a
-                # moment estimate (it is close: 7-15 evaluations on large crossed models),
-                # nlopt's default (a quarter of |θ|, or 1) elsewhere.
-                control["initial_step"] = step * np.maximum(x0, 0.1)
-            compiled = getattr(self.pls, "compiled_objective", None)
-            opt = minimize_bobyqa(self.pls.objective_function(self.REML), x0,
-                                  self.theta_lower, verbose=verbose, callback=callback,
-                                  compiled=compiled(self.REML, self.ntheta) if compiled else None,
-                                  **control)
+            opt = bobyqa(x0, **control)
         return LmerFit(self, opt)
 
     def __repr__(self):

@@ -15,7 +15,7 @@ try:                      # built where nlopt's C library is found (libnlopt-dev
 except ImportError:       # pragma: no cover (then nlopt's Python interface runs the loop)
     _optim = None
 
-__all__ = ["OptSummary", "minimize_bobyqa", "minimize_lbfgs", "minimize_newton"]
+__all__ = ["OptSummary", "metric_scale", "minimize_bobyqa", "minimize_lbfgs", "minimize_newton"]
 
 # nlopt's return codes
 _NLOPT_CODES = {
@@ -325,12 +325,11 @@ def minimize_newton(fn, information, x0, lower, *, delta=1e-2, stop=1e-5, maxite
             break
         it += 1
         hd = np.diag(H)
-        top = float(np.max(hd, initial=0.0))
-        if not (np.isfinite(top) and top > 0.0):
+        unit = metric_scale(H, (0.1 / delta) * np.maximum(1.0, np.abs(x)))
+        if unit is None:
             code = -4
             break
-        hk = np.minimum(delta / np.sqrt(np.maximum(hd, 1e-8 * top)),
-                        0.1 * np.maximum(1.0, np.abs(x)))
+        hk = delta * unit                # at most 0.1 max(1, |θ_k|)
         g = np.empty_like(x)
         for k in range(len(x)):
             xk = x.copy()
@@ -355,14 +354,13 @@ def minimize_newton(fn, information, x0, lower, *, delta=1e-2, stop=1e-5, maxite
                 xn = np.maximum(x + d, np.where(bounded, lower, -np.inf))
                 fn_ = counter.record(xn, fn(xn))
                 small = lam == 0.0 and pred <= stop + 1e-12 * abs(fx)
-                if fn_ < fx:
+                better = fn_ < fx
+                if better:
                     x, fx = xn, fn_
                     H = np.asarray(information(), dtype=float)
-                    if small:
-                        code = 1
-                    break
-                if small:          # a step within the objective's rounding: θ is the optimum
+                if small:   # taken or not (then lost in the objective's rounding): converged
                     code = 1
+                if better or small:
                     break
             lam = max(10.0 * lam, 1e-3)
             if lam > max_damping:
@@ -382,6 +380,18 @@ def minimize_newton(fn, information, x0, lower, *, delta=1e-2, stop=1e-5, maxite
                     3: "CONVERGENCE: PREDICTED DECREASE AT ROUNDING LEVEL",
                     5: "MAXITER_REACHED", -1: "OBJECTIVE NOT FINITE",
                     -4: "DAMPING LIMIT: THE INFORMATION DOES NOT MODEL THE OBJECTIVE"}, t0)
+
+
+def metric_scale(H, cap):
+    """1/√H_kk for each k — the step that changes a quadratic with Hessian H by about ½ —
+    each H_kk raised to at least 10⁻⁸ of the largest (elements the objective hardly
+    depends on) and the result capped at ``cap``; None where H has no positive finite
+    diagonal."""
+    h = np.diag(np.asarray(H, dtype=float))
+    top = float(np.max(h, initial=0.0))
+    if not (np.isfinite(top) and top > 0.0):
+        return None
+    return np.minimum(1.0 / np.sqrt(np.maximum(h, 1e-8 * top)), cap)
 
 
 def _damped_step(H, g, lam):
