@@ -177,7 +177,7 @@ cdef class BlockedFactor:
     cdef const cnp.int64_t[::1] tptr, tidx
     cdef const cnp.int32_t[::1] rows32
     cdef const cnp.int64_t[::1] tstart
-    cdef object rows32_arr, tstart_arr
+    cdef readonly object rows32_arr, tstart_arr
     cdef double[::1] accv, wxyv
     cdef object acc, wxy
     cdef bint transposed

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scipy.linalg.blas import dgemv
+from scipy.linalg.blas import dgemm, dgemv
 
 from . import _gradient
 from ._remat import panel_dot, panel_scatter
@@ -41,6 +41,60 @@ def _lam_t_rows(M, xp, rscale, Tflat, nrows):
         q = m * k
         out[o: o + q] = np.matmul(T.T, M[o: o + q].reshape(m, k, -1)).reshape(q, -1)
     return out
+
+
+def _panel_products(pls, Minv):
+    """(P, flags) for :func:`lmmfast._gradient.grad_block1`: P_j = Minv22[rows_j, rows_j] V_j
+    on the random-effects rows of the levels flagged, formed here for large dense blocks
+    where gathering Minv22[rows_j, rows_j] level by level misses the cache on nearly every
+    entry; (None, None) where no level qualifies.
+
+    * Levels the factorization downdates row by row (``BlockedCrossprod.tptr``) get it
+      row by row too (:func:`lmmfast._gradient.rowwise_products`).
+    * Heavy levels (``BlockedCrossprod.heavy``: panels of more than D/8 rows) get it from
+      one dense product Minv22 [V_j scattered into columns] (dgemm).
+    """
+    xp, f = pls.xp, pls._f
+    nz, k1 = xp.nz, xp.k1
+    heavy = np.asarray(getattr(xp, "heavy", np.zeros(0, dtype=np.int64)))
+    rowwise = xp.tptr is not None and len(xp.tidx) > 0
+    if not (rowwise or len(heavy)) or nz == 0:
+        return None, None
+    Dp = Minv.shape[0]
+    cache = getattr(pls, "_panel_cache", None)
+    if cache is None or cache[0] != Dp:
+        flags = np.zeros(xp.m1, dtype=bool)
+        if rowwise:
+            flags[xp.tlev] = True
+        hpos = hrow = hcol = np.zeros(0, dtype=np.int64)
+        if len(heavy):
+            flags[heavy] = True
+            nr = np.diff(xp.indptr)[heavy]
+            hpos = np.repeat(xp.indptr[heavy], nr) + (np.arange(nr.sum()) -
+                                                       np.repeat(np.cumsum(nr) - nr, nr))
+            hrow = xp.rows[hpos]
+            keep = hrow < Dp              # the rows Minv spans (REML: X's too)
+            hpos, hrow = hpos[keep], hrow[keep]
+            hcol = np.repeat(np.arange(len(heavy)), nr)[keep]
+        cache = pls._panel_cache = (Dp, flags, hpos, hrow, hcol)
+    _, flags, hpos, hrow, hcol = cache
+    P = np.empty_like(pls.L21)
+    if rowwise:
+        _gradient.rowwise_products(Minv, xp.indptr, f.rows32_arr, pls.L21, xp.tptr, xp.tidx,
+                                   xp.tlev, P, max(f.last_nthreads, 1))
+    if len(hpos):
+        nh = len(heavy)
+        Vh = np.zeros((Dp, nh * k1), order="F")
+        for c in range(k1):
+            Vh[hrow, hcol * k1 + c] = pls.L21[hpos, c]
+        # Minv Vh by scipy's BLAS (the factorization's; see gram_times), Minv handed over
+        # as its transpose (symmetric; Fortran-ordered: no copy); the X rows' entries
+        # (REML) are grad_block1's
+        Ph = dgemm(1.0, Minv.T, Vh)
+        out = hrow < nz
+        for c in range(k1):
+            P[hpos[out], c] = Ph[hrow[out], hcol[out] * k1 + c]
+    return P, flags
 
 
 def blocked_gradient(pls, reml: bool) -> np.ndarray:
@@ -64,23 +118,17 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
     kmax = max([k for _, k in xp.term_shapes[1:]] + [1])
     G1 = np.zeros((k1, k1))
     out2 = np.zeros((max(nz, 1), kmax))
+    Pre, pre = _panel_products(pls, Minv)
     _gradient.grad_block1(xp.A11, pls.T1, xp.indptr, xp.rows, xp.A21, pls.L11, pls.L21,
                           Minv, nz, pls.rscale, xp.rk, xp.rtoff, pls.Tflat, G1, out2,
-                          xp.batch)
+                          xp.batch, Pre, pre)
     Gs = [G1]
     if nz:
-        AL = _lam_t_rows(xp.A22[:Dp, :nz], xp, pls.rscale, pls.Tflat, Dp)  # Λr'(W'Z) rows
-        for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
-            q = m * k
-            # Σ_l Σ_r M⁻¹[(l,b), r] AL[r, (l,a)], with M⁻¹ symmetric: column blocks of
-            # both (no transposed copies); for k > 1 one (k × Dp·m)(Dp·m × k) product
-            if k == 1:
-                G = np.array([[np.einsum("ij,ij->", Minv[:, o: o + q], AL[:, o: o + q])]])
-            else:
-                Mi = np.ascontiguousarray(Minv[:, o: o + q]).reshape(-1, k)
-                Ai = np.ascontiguousarray(AL[:, o: o + q]).reshape(-1, k)
-                G = Mi.T @ Ai                                            # (b, a)
-            G += out2[o: o + q, :k].reshape(m, k, k).sum(axis=0).T
+        # Σ_l Σ_r M⁻¹[(l,b), r] (Λr'(W'Z))[r, (l,a)] per later term, in one pass
+        rest = _gradient.rest_trace(Minv, xp.A22, nz, pls.rscale, xp.rk, xp.rtoff, pls.Tflat,
+                                    xp.term_shapes[1:], xp.rest_offsets)
+        for G, (m, k), o in zip(rest, xp.term_shapes[1:], xp.rest_offsets):
+            G += out2[o: o + m * k, :k].reshape(m, k, k).sum(axis=0).T
             Gs.append(G)
     # ---- derivative of r²: Z'e from the cross-products
     zes, u, _ = z_residual(pls)
@@ -126,7 +174,14 @@ def z_residual(pls):
         The spherical conditional modes û.
     Ts : list of (k_i, k_i) arrays
         The relative covariance factors T_i at the current θ.
+
+    Kept on ``pls`` for the θ of its factor (read-only use: the gradient and the average
+    information at one θ both need it).
     """
+    key = None if pls.theta is None else np.asarray(pls.theta).tobytes()
+    cached = getattr(pls, "_z_residual", None)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]     # the gradient and the information at one θ share it
     xp = pls.xp
     nz = xp.nz
     u, beta = pls.solve()
@@ -138,6 +193,7 @@ def z_residual(pls):
     zes = [ze1]
     for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
         zes.append(zr[o: o + m * k].reshape(m, k))
+    pls._z_residual = (key, (zes, u, Ts))
     return zes, u, Ts
 
 

@@ -176,16 +176,24 @@ def test_kb07_lbfgs_information_scale_reaches_the_unscaled_optimum(monkeypatch):
 
 
 # ------------------------------------------ Newton steps on the information, finite differences
-def _newton_on(A, b, x0, lower, noise=0.0, **kw):
-    """minimize_newton on f = ½ x'Ax − b'x (+ rounding-like noise), with A as the information."""
+def _newton_on(A, b, x0, lower, noise=0.0, exact=False, **kw):
+    """minimize_newton on f = ½ x'Ax − b'x (+ rounding-like noise), with A as the
+    information; ``exact``: with the gradient A x − b at the last evaluated x."""
     rng = np.random.default_rng(0)
-    f = lambda x: 0.5 * x @ A @ x - b @ x + noise * rng.uniform(-1, 1)
-    return optsummary.minimize_newton(f, lambda: A, x0, lower, **kw)
+    last = {}
+
+    def f(x):
+        last["x"] = x.copy()
+        return 0.5 * x @ A @ x - b @ x + noise * rng.uniform(-1, 1)
+    grad = (lambda: A @ last["x"] - b) if exact else None
+    return optsummary.minimize_newton(f, lambda: A, x0, lower, gradient=grad, **kw)
 
 
-def test_newton_reaches_a_bounded_minimum():
+@pytest.mark.parametrize("exact", [False, True])
+def test_newton_reaches_a_bounded_minimum(exact):
     """A quadratic whose information is its Hessian: the minimum (by construction, one
-    element at its bound) in a few steps of n + 1 evaluations; every iterate feasible."""
+    element at its bound) in a few steps of n + 1 evaluations (one each with the exact
+    gradient); every iterate feasible."""
     rng = np.random.default_rng(1)
     R = np.linalg.qr(rng.normal(size=(3, 3)))[0]
     A = R @ np.diag([50.0, 2.0, 0.3]) @ R.T
@@ -193,21 +201,70 @@ def test_newton_reaches_a_bounded_minimum():
     b = A @ xs - np.array([4.0, 0.0, 0.0])          # element 0 at its bound, multiplier 4
     lower = np.array([0.0, 0.0, -np.inf])
     seen = []
-    opt = _newton_on(A, b, np.array([1.0, 1.0, 1.0]), lower, callback=lambda n, x, f: seen.append(x))
+    opt = _newton_on(A, b, np.array([1.0, 1.0, 1.0]), lower, exact=exact,
+                     callback=lambda n, x, f: seen.append(x))
     assert opt.converged and opt.optimizer == "newton"
     np.testing.assert_allclose(opt.final, xs, atol=1e-6)
-    assert opt.feval <= 4 * 4
+    assert opt.feval <= (4 if exact else 4 * 4)
     assert all(np.all(x >= lower) for x in seen)
 
 
-def test_newton_stops_at_the_rounding_level():
+def test_newton_exact_gradient_stops_at_a_converged_point_without_stepping():
+    """With the exact gradient the stop test comes right after the accepted step, on the
+    information of the point before: at the minimum of a quadratic no further evaluation
+    or information is asked for, and the last evaluation is the estimate (its factor
+    stays)."""
+    A = np.array([[3.0, 1.0], [1.0, 2.0]])
+    b = np.array([1.0, -1.0])
+    infos, evals = [], []
+    last = {}
+
+    def f(x):
+        last["x"] = x.copy()
+        evals.append(x.copy())
+        return 0.5 * x @ A @ x - b @ x
+
+    def info():
+        infos.append(last["x"])
+        return A
+    opt = optsummary.minimize_newton(f, info, np.array([2.0, 2.0]), np.full(2, -np.inf),
+                                     gradient=lambda: A @ last["x"] - b)
+    xs = np.linalg.solve(A, b)
+    assert opt.converged and opt.feval == 2 and len(infos) == 1
+    np.testing.assert_allclose(opt.final, xs, atol=1e-12)
+    np.testing.assert_array_equal(evals[-1], opt.final)
+
+
+def test_newton_exact_gradient_refreshes_the_information_to_go_on():
+    """Where the stale information's prediction is above the stop, it is refreshed at the
+    new point and the steps go on (a non-quadratic objective: three or more steps)."""
+    last = {}
+    f_ = lambda x: np.sum(np.cosh(x - 1.0))
+
+    def f(x):
+        last["x"] = x.copy()
+        return f_(x)
+    infos = []
+
+    def info():
+        infos.append(last["x"])
+        return np.diag(np.cosh(last["x"] - 1.0))
+    opt = optsummary.minimize_newton(f, info, np.array([-1.0, 2.5]), np.full(2, -np.inf),
+                                     gradient=lambda: np.sinh(last["x"] - 1.0), stop=1e-10)
+    assert opt.converged
+    np.testing.assert_allclose(opt.final, [1.0, 1.0], atol=1e-5)
+    assert len(infos) >= 3 and len(infos) <= opt.feval
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_newton_stops_at_the_rounding_level(exact):
     """Noise of 10⁻⁹ on the objective: steps smaller than that are not chased (no damping
     spiral, no fallback)."""
     A = np.diag([4.0, 1.0])
     b = np.array([1.0, -2.0])
     called = []
     opt = _newton_on(A, b, np.zeros(2), np.array([-np.inf, -np.inf]), noise=1e-9,
-                     fallback=lambda x: called.append(x))
+                     exact=exact, fallback=lambda x: called.append(x))
     assert opt.converged and not called
     np.testing.assert_allclose(opt.final, np.linalg.solve(A, b), atol=1e-4)
 
@@ -233,13 +290,15 @@ def test_newton_falls_back_where_the_information_misleads():
     assert f(got["x"]) <= f(np.array([3.0, -2.0]))                  # the best point so far
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("case_id", ["sleepstudy_reml", "penicillin_reml", "pastes_reml"])
-def test_newton_reaches_lme4_optimum(case_id):
-    """Explicit optimizer="newton" from the moment start on lme4's reference cases."""
+def test_newton_reaches_lme4_optimum(case_id, exact):
+    """Explicit optimizer="newton" from the moment start on lme4's reference cases, with
+    gradients by differences and analytic."""
     ref = load_ref(case_id)
     case = CASE_BY_ID[case_id]
     fit = LinearMixedModel(case["py_formula"], case_data(case), REML=case["REML"]).fit(
-        optimizer="newton", start="moments")
+        optimizer="newton", start="moments", exact_gradient=exact)
     assert fit.optsummary.optimizer.startswith("newton")
     assert fit.objective <= ref["objective"] + 1e-7 * abs(ref["objective"]) + 1e-6
     np.testing.assert_allclose(fit.theta, ref["theta"], atol=2e-3 * max(1.0, np.abs(ref["theta"]).max()))
@@ -260,3 +319,27 @@ def test_auto_takes_newton_only_for_large_moment_started_fits():
     ref = lmmfast.lmer("Reaction ~ Days + (Days | Subject)", big, optimizer="bobyqa")
     assert fit.objective <= ref.objective + 1e-9 * abs(ref.objective) + 1e-6
     assert lmmfast.lmer("Reaction ~ Days + (Days | Subject)", big, start="lme4").optsummary.optimizer == "bobyqa"
+
+
+def test_auto_newton_takes_the_analytic_gradient_from_four_thetas(monkeypatch):
+    """θ of 4 or more elements: Newton's gradient is the analytic one (called once per
+    accepted point, no difference evaluations); fewer: differences.  Both reach BOBYQA's
+    optimum."""
+    import lmmfast
+    from lmmfast import gradient as gradient_mod
+    from lmmfast import model as model_mod
+
+    calls = []
+    real = gradient_mod.blocked_gradient
+    monkeypatch.setattr(gradient_mod, "blocked_gradient",
+                        lambda pls, reml: calls.append(1) or real(pls, reml))
+    df, _ = lmmfast.simulate.crossed(12_000, 300, 40)
+    assert model_mod.NEWTON_EXACT_MIN_THETA == 4
+    four = lmmfast.lmer("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=False)     # 4 θ
+    assert four.optsummary.optimizer == "newton" and 1 <= len(calls) <= four.optsummary.feval
+    ref = lmmfast.lmer("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=False, optimizer="bobyqa")
+    assert four.objective <= ref.objective + 1e-9 * abs(ref.objective) + 1e-5
+    np.testing.assert_allclose(four.theta, ref.theta, atol=5e-3)
+    calls.clear()
+    two = lmmfast.lmer("y ~ 1 + x + (1|g1) + (1|g2)", df, REML=False)          # 2 θ
+    assert two.optsummary.optimizer == "newton" and not calls
