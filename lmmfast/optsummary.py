@@ -280,7 +280,8 @@ def minimize_lbfgs(fg, x0, lower, *, gtol=None, ftol=1e-15, maxeval=100000,
 
 
 def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, stop=1e-5,
-                    maxiter=30, max_damping=1e6, verbose=False, callback=None, fallback=None):
+                    maxiter=30, max_damping=1e6, probe_step=1e-3, verbose=False,
+                    callback=None, fallback=None):
     """Minimise with Newton steps on the average information, gradients by finite
     differences in its metric (``fn(θ) -> f``; ``information() -> H`` at the θ of the last
     call of ``fn``, :func:`lmmfast.information.average_information`).
@@ -311,6 +312,13 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
     factor stays at θ.  Where the damping passes
     ``max_damping``, or after ``maxiter`` steps, ``fallback(θ) -> OptSummary`` continues from
     the best point (the caller passes BOBYQA).
+
+    A diagonal element of T at its bound of 0 is a stationary point of the objective in
+    that coordinate (it depends on the element's square), where both the gradient and the
+    information's row vanish: the steps cannot leave it even where the optimum is inside
+    (a Newton step that lands on the bound stays there).  So where the steps stop with
+    elements at their bound, one evaluation each ``probe_step`` inside decides: where
+    lower, the steps go on from the lowest of them (two such rounds at most).
     """
     x0 = np.asarray(x0, dtype=float)
     lower = np.asarray(lower, dtype=float)
@@ -329,7 +337,30 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
         H = np.asarray(information(), dtype=float)
     stale = False            # H from the previous point (exact gradient: see below)
     it = 0
-    while code == 0:
+    probes = 2
+    while code == 0 or (code in (1, 3) and probes > 0):
+        if code:
+            # converged: elements at their bound stay there only where the objective
+            # rises just inside it (see the docstring)
+            edge = np.flatnonzero(bounded & (x <= lower))
+            if not len(edge):
+                break
+            probes -= 1
+            best = None
+            for k in edge:       # one at a time: another may rightly stay at its bound
+                xp = x.copy()
+                xp[k] = lower[k] + probe_step
+                fp = counter.record(xp, fn(xp))
+                if fp < fx - max(1e-9, 1e-13 * abs(fx)) and (best is None or fp < best[1]):
+                    best = (xp, fp)
+            if best is None:
+                break
+            if gradient is not None and not np.array_equal(best[0], xp):
+                fn(best[0])      # the gradient and the information need its factor
+            (x, fx), code, stale = best, 0, False
+            if gradient is not None:
+                g = np.asarray(gradient(), dtype=float)
+            H = np.asarray(information(), dtype=float)
         if it >= maxiter:
             code = 5
             break
@@ -346,7 +377,7 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
             d[free], ok = _damped_step(H[np.ix_(free, free)], g[free], 0.0)
             if ok and -(g @ d + 0.5 * d @ H @ d) <= stop + 1e-12 * abs(fx):
                 code = 1
-                break
+                continue
             H = np.asarray(information(), dtype=float)
             stale = False
         lam = 0.0

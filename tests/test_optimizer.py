@@ -343,3 +343,58 @@ def test_auto_newton_takes_the_analytic_gradient_from_four_thetas(monkeypatch):
     calls.clear()
     two = lmmfast.lmer("y ~ 1 + x + (1|g1) + (1|g2)", df, REML=False)          # 2 θ
     assert two.optsummary.optimizer == "newton" and not calls
+
+
+def test_newton_probes_inside_a_stationary_bound():
+    """f = (x² − 0.04)² + (y − 1)² + (z + 1)² with x, z ≥ 0 and the exact gradient: at
+    x = 0 the gradient and the information's row vanish (a maximum along x), so the steps
+    alone stay there; a probe just inside finds the minimum at x = 0.2.  z's bound is the
+    true minimum (the probe there rises) and stays."""
+    last = {}
+
+    def f(v):
+        last["v"] = v.copy()
+        x, y, z = v
+        return (x * x - 0.04) ** 2 + (y - 1.0) ** 2 + (z + 1.0) ** 2
+
+    def info():
+        x = last["v"][0]
+        return np.diag([8.0 * x * x, 2.0, 2.0])
+
+    def grad():
+        x, y, z = last["v"]
+        return np.array([4.0 * x * (x * x - 0.04), 2.0 * (y - 1.0), 2.0 * (z + 1.0)])
+    lower = np.array([0.0, -np.inf, 0.0])
+    opt = optsummary.minimize_newton(f, info, np.array([0.0, 3.0, 0.0]), lower,
+                                     gradient=grad, stop=1e-12)
+    assert opt.converged and opt.optimizer == "newton"
+    np.testing.assert_allclose(opt.final, [0.2, 1.0, 0.0], atol=1e-4)
+
+
+def _singular_slopes(seed=1, n=12_000):
+    """Crossed g × h with random slopes of variance 0, 12,000 rows: Newton's steps land with
+    both slopes' diagonals at 0, where h's optimum (in this sample) is inside."""
+    rng = np.random.default_rng(seed)
+    g, h = rng.integers(0, 200, n), rng.integers(0, 60, n)
+    rng.integers(0, 4, n)
+    x = rng.standard_normal(n)
+    z = rng.standard_normal(n)
+    ug, vg = rng.normal(0, 0.7, 200), rng.normal(0, 0.0, 200)
+    uh, vh = rng.normal(0, 0.5, 60), rng.normal(0, 0.0, 60)
+    y = 1 + 0.5 * x + ug[g] + vg[g] * x + uh[h] + vh[h] * x + 0.2 * z + rng.normal(0, 1, n)
+    return pd.DataFrame(dict(y=y, x=x, g=g.astype(str), h=h.astype(str)))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_newton_leaves_a_bound_where_the_optimum_is_inside(exact):
+    """A simulated case where the steps stop with both slopes' diagonals at 0 and BOBYQA
+    finds h's inside: the probes reach BOBYQA's optimum."""
+    import lmmfast
+
+    df = _singular_slopes()
+    f = "y ~ x + (x|g) + (x|h)"
+    fit = lmmfast.lmer(f, df, REML=False, optimizer="newton", exact_gradient=exact)
+    ref = lmmfast.lmer(f, df, REML=False, optimizer="bobyqa")
+    assert ref.theta[5] > 0.01                       # h's slope: inside
+    assert fit.objective <= ref.objective + 1e-9 * abs(ref.objective)
+    np.testing.assert_allclose(fit.theta, ref.theta, atol=1e-3)
