@@ -15,7 +15,7 @@ from scipy.linalg.cython_lapack cimport dpotri
 from scipy.linalg.cython_blas cimport dgemm, dtrmm
 from cython.parallel cimport prange
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, cols_mul, dot4, lam_rows,
-                             lower_inverse, max_panel, rows_tmul)
+                             lower_inverse, max_panel, rows_tmul, symmetrize_tiles)
 
 cnp.import_array()
 
@@ -398,9 +398,7 @@ def dense_inverse(const double[:, ::1] L22, Py_ssize_t Dp, double[:, ::1] out):
                 out[r, c] = L22[r, c]
         dpotri(&uplo, &n_i, &out[0, 0], &n_i, &info)
         if info == 0:
-            for r in range(Dp):
-                for c in range(r):
-                    out[c, r] = out[r, c]
+            symmetrize_tiles(&out[0, 0], Dp, Dp)
     return info
 
 

@@ -213,9 +213,10 @@ class BlockedCrossprod:
         A21 = np.empty((nnz, k1))
         before = indptr[:-1].copy()                    # where the source's run of level j starts
         for lv, rw, vl, cnt in zip(lev, rws, vals, counts):
-            first = np.zeros(m1 + 1, dtype=np.int64)   # where level j starts in this source
-            np.cumsum(cnt, out=first[1:])
-            pos = before[lv] + (np.arange(len(lv), dtype=np.int64) - first[lv])
+            first = np.zeros(m1, dtype=np.int64)       # where level j starts in this source
+            np.cumsum(cnt[:-1], out=first[1:])
+            # lv is sorted: entry i of level j goes to before[j] + (i - first[j])
+            pos = np.repeat(before - first, cnt) + np.arange(len(lv), dtype=np.int64)
             rows[pos] = rw
             A21[pos] = vl
             before += cnt

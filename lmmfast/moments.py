@@ -144,17 +144,20 @@ class LevelFit:
         return np.einsum("rk,rk->r", t.X, eff[t.codes])
 
     def refit(self, r):
-        """Refit the effects to ``r`` plus their current fit; update ``r`` in place."""
+        """Refit the effects to ``r`` plus their current fit; update ``r`` in place.
+
+        The refit of r + Z e is e + A⁻¹ Z'r (A_j⁻¹ A_j = I on the levels fitted, and the
+        others keep e = 0), so one pass adds the change: r −= Z A⁻¹ Z'r."""
         t = self.t
-        r += self.rows(self.eff)
         if t.k == 1:
             w = r if self.intercept else t.X[:, 0] * r
-            self.eff[:, 0] = np.bincount(t.codes, weights=w, minlength=t.nlevels) * self.ainv
+            delta = (np.bincount(t.codes, weights=w, minlength=t.nlevels) * self.ainv)[:, None]
         else:
             b = np.column_stack([np.bincount(t.codes, weights=t.X[:, a] * r, minlength=t.nlevels)
                                  for a in range(t.k)])
-            self.eff = np.einsum("jab,jb->ja", self.Ainv, b)
-        r -= self.rows(self.eff)
+            delta = np.einsum("jab,jb->ja", self.Ainv, b)
+        self.eff += delta
+        r -= self.rows(delta)
 
     def theta(self, s2: float, floor: float = 1e-4, floor_vector: float = 0.01) -> np.ndarray:
         """θ of the term: the covariance of the effects less their mean sampling
