@@ -91,9 +91,17 @@ cdef void transposed_downdate(
         for t in range(tptr[r], tptr[r + 1]):
             ta = t + PREFETCH_AHEAD
             if ta < ntrans:
-                prefetch(L21 + tstart[ta] * k1)
-                prefetch(rows + tstart[ta])
-                prefetch(L21 + tidx[ta] * k1)
+                # the whole stretch of that panel this row reads (a cache line per 8
+                # doubles, 16 row indices): the first line alone leaves the rest to the
+                # hardware's stream detection, a miss or two per panel
+                kk = tstart[ta] * k1
+                while kk <= tidx[ta] * k1 + k1 - 1:
+                    prefetch(L21 + kk)
+                    kk = kk + 8
+                kk = tstart[ta]
+                while kk <= tidx[ta]:
+                    prefetch(rows + kk)
+                    kk = kk + 16
             p0 = tstart[t]
             p1 = tidx[t]
             v = L21 + p1 * k1

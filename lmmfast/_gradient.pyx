@@ -300,8 +300,16 @@ cdef void rowwise_core(const double* Minv, Py_ssize_t Dp, Py_ssize_t nrow, Py_ss
         for t in range(tptr[r], tptr[r + 1]):
             ta = t + PREFETCH_AHEAD
             if ta < ntrans:
-                prefetch(rows + indptr[tlev[ta]])
-                prefetch(V + indptr[tlev[ta]] * k1)
+                # all of that panel (a line per 8 doubles, 16 row indices): the first line
+                # alone leaves a miss or two per panel to the hardware's stream detection
+                kk = indptr[tlev[ta]] * k1
+                while kk < indptr[tlev[ta] + 1] * k1:
+                    prefetch(V + kk)
+                    kk = kk + 8
+                kk = indptr[tlev[ta]]
+                while kk < indptr[tlev[ta] + 1]:
+                    prefetch(rows + kk)
+                    kk = kk + 16
             p1 = indptr[tlev[t] + 1]
             if k1 == 1:
                 s0 = 0.0
