@@ -15,7 +15,11 @@ For θ_k = T_i[a, b], ∂Λ/∂θ_k = I_{m_i} ⊗ E_ab, so
   e = y − Xβ̂ − ZΛû; Z'e comes from the stored cross-products, not from the n rows.
 
 Cost: one dense inverse of the dense block (LAPACK ``dpotri``: about twice the Cholesky)
-plus one pass over the stored cross-products.  :func:`numeric_gradient` is the test oracle.
+plus one pass over the stored cross-products.  The per-level products M⁻¹[rows_j, rows_j] V_j
+go as the factorization's downdate does on large dense blocks: row by row where the panels
+are scattered (:func:`lmmfast._gradient.rowwise_products`), one dense product for the
+heavy levels; on the 1 M-row crossed rung (D = 4,003) about 2.2 evaluations in all, where
+the per-level gathers alone took 2.7 s.  :func:`numeric_gradient` is the test oracle.
 """
 from __future__ import annotations
 

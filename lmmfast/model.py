@@ -173,9 +173,11 @@ class LinearMixedModel:
             dearer (about three evaluations' worth each); from the moment start, θ scaled
             by the average information there (:meth:`information_scale`).  ``"newton"``
             (``method="blocked"``): Newton steps on the average information with gradients
-            by finite differences in its metric (:func:`lmmfast.optsummary.minimize_newton`;
-            BOBYQA takes over where it stalls): from the moment start, half the evaluations
-            of BOBYQA or fewer.  ``"auto"`` (default) takes L-BFGS-B when θ has 8 or more
+            by finite differences in its metric, or analytic from
+            :data:`NEWTON_EXACT_MIN_THETA` elements of θ
+            (:func:`lmmfast.optsummary.minimize_newton`; BOBYQA takes over where it stalls):
+            from the moment start, half the evaluations of BOBYQA or fewer (the 1 M-row
+            crossed rung: 2 evaluations and 2 gradients).  ``"auto"`` (default) takes L-BFGS-B when θ has 8 or more
             elements, where BOBYQA's evaluation count grows fastest (and it stops short of
             the optimum more often); Newton from :data:`NEWTON_MIN_NOBS` observations with a
             moment start, where evaluations cost milliseconds to seconds; BOBYQA otherwise.
