@@ -415,9 +415,9 @@ cdef void rest_trace_core(const double* Minv, Py_ssize_t Dp, const double* A22, 
                           Py_ssize_t nz, const double* rscale, const cnp.int64_t* rk,
                           const cnp.int64_t* rtoff, const double* Tflat,
                           const cnp.int64_t* cterm, const cnp.int64_t* cpos,
-                          const cnp.int64_t* kterm, Py_ssize_t kmax, double* G,
-                          double* buf) noexcept nogil:
-    cdef Py_ssize_t r0 = 0, kk, a, b, c, i, k, cs
+                          const cnp.int64_t* kterm, Py_ssize_t kmax, bint blockdiag,
+                          double* G, double* buf) noexcept nogil:
+    cdef Py_ssize_t r0 = 0, kk, a, b, c, i, k, cs, c0, c1
     cdef double s, v
     cdef const double* mrow
     cdef double* g
@@ -425,19 +425,26 @@ cdef void rest_trace_core(const double* Minv, Py_ssize_t Dp, const double* A22, 
         kk = rk[r0]
         if kk < 1:
             kk = 1
-        # buf <- the unit's rows of Λ' A22[:, :nz]
+        # the columns this unit's rows can touch: with one later term, A22's random-effects
+        # block is block diagonal (the unit's own level); else all of them
+        c0 = 0
+        c1 = nz
+        if blockdiag and r0 < nz:
+            c0 = r0
+            c1 = r0 + kk
+        # buf <- the unit's rows of Λ' A22[:, c0:c1]
         if kk == 1:
             s = rscale[r0]
-            for c in range(nz):
+            for c in range(c0, c1):
                 buf[c] = s * A22[r0 * D + c]
         else:
             for a in range(kk):
-                for c in range(nz):
+                for c in range(c0, c1):
                     buf[a * nz + c] = A22[(r0 + a) * D + c]
-            rows_tmul(buf, nz, nz, Tflat + rtoff[r0], kk)
+            rows_tmul(buf + c0, nz, c1 - c0, Tflat + rtoff[r0], kk)
         for a in range(kk):
             mrow = Minv + (r0 + a) * Dp
-            for c in range(nz):
+            for c in range(c0, c1):
                 v = buf[a * nz + c]
                 if v == 0.0:
                     continue
@@ -459,7 +466,9 @@ def rest_trace(const double[:, ::1] Minv, const double[:, ::1] A22, Py_ssize_t n
     each, starting at ``rest_offsets[i]``), Minv the Dp × Dp dense block of M⁻¹.
 
     One pass over the rows (a scalar row scaled, a k-row group times T', as
-    ``BlockedCrossprod.rk``/``rtoff`` describe them) without forming Λ_rest' A22.
+    ``BlockedCrossprod.rk``/``rtoff`` describe them) without forming Λ_rest' A22; with a
+    single later term its random-effects rows touch only their own level's columns
+    (Z_i'Z_i is block diagonal), and only those are read.
 
     Returns
     -------
@@ -497,6 +506,6 @@ def rest_trace(const double[:, ::1] Minv, const double[:, ::1] A22, Py_ssize_t n
     if nz > 0 and Dp > 0:
         with nogil:
             rest_trace_core(&Minv[0, 0], Dp, &A22[0, 0], D, nz, &rscale[0], &rk[0], &rtoff[0],
-                            &Tflat[0], &ctv[0], &cpv[0], &ktv[0], kmax, &Gv[0, 0, 0],
-                            &bufv[0])
+                            &Tflat[0], &ctv[0], &cpv[0], &ktv[0], kmax, nt == 1,
+                            &Gv[0, 0, 0], &bufv[0])
     return [G[i, :k, :k].copy() for i, (_, k) in enumerate(term_shapes)]

@@ -101,7 +101,7 @@ def _panel_products(pls, Minv):
     return P, flags
 
 
-def blocked_gradient(pls, reml: bool) -> np.ndarray:
+def blocked_gradient(pls, reml: bool, keep: bool = False) -> np.ndarray:
     """Gradient of the objective at the θ of ``pls``'s current factor (BlockedPLS).
 
     Parameters
@@ -109,13 +109,20 @@ def blocked_gradient(pls, reml: bool) -> np.ndarray:
     pls : BlockedPLS
         Factored at θ (``pls.objective(θ, reml)`` was just called).
     reml : bool
+    keep : bool
+        Keep the Dp × Dp buffer of the dense inverse on ``pls`` (``pls._minv``) for the
+        next call: an optimizer's gradients then fault in those pages once (on large
+        dense blocks, 128 MB at D = 4,000); its caller drops it when done.
     """
     xp = pls.xp
     nz, p, k1, m1 = xp.nz, xp.p, xp.k1, xp.m1
     n = xp.n
     Dp = nz + p if reml else nz
     # ---- dense block of M⁻¹ (selected inverse of the dense part: all of it)
-    Minv = np.empty((Dp, Dp))
+    Minv = getattr(pls, "_minv", None)
+    if Minv is None or Minv.shape != (Dp, Dp):
+        Minv = np.empty((Dp, Dp))
+    pls._minv = Minv if keep else None
     info = _gradient.dense_inverse(pls.L22, Dp, Minv)
     if info != 0:
         raise np.linalg.LinAlgError(f"dpotri failed ({info})")

@@ -254,11 +254,15 @@ class LinearMixedModel:
             exact = control.pop("exact_gradient", None)
             if exact is None:
                 exact = self.ntheta >= NEWTON_EXACT_MIN_THETA
-            opt = minimize_newton(
-                self.pls.objective_function(self.REML),
-                lambda: average_information(self.pls, self.REML), x0, self.theta_lower,
-                gradient=(lambda: blocked_gradient(self.pls, self.REML)) if exact else None,
-                verbose=verbose, callback=callback, fallback=bobyqa, **control)
+            try:
+                opt = minimize_newton(
+                    self.pls.objective_function(self.REML),
+                    lambda: average_information(self.pls, self.REML), x0, self.theta_lower,
+                    gradient=(lambda: blocked_gradient(self.pls, self.REML, keep=True))
+                    if exact else None,
+                    verbose=verbose, callback=callback, fallback=bobyqa, **control)
+            finally:
+                self.pls._minv = None           # the gradients' buffer (see blocked_gradient)
         elif name == "lbfgs":
             if "scale" not in control:
                 # from the moment start (near the optimum) the average information is a

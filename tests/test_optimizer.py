@@ -332,7 +332,7 @@ def test_auto_newton_takes_the_analytic_gradient_from_four_thetas(monkeypatch):
     calls = []
     real = gradient_mod.blocked_gradient
     monkeypatch.setattr(gradient_mod, "blocked_gradient",
-                        lambda pls, reml: calls.append(1) or real(pls, reml))
+                        lambda pls, reml, **kw: calls.append(1) or real(pls, reml, **kw))
     df, _ = lmmfast.simulate.crossed(12_000, 300, 40)
     assert model_mod.NEWTON_EXACT_MIN_THETA == 4
     four = lmmfast.lmer("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=False)     # 4 θ
@@ -340,6 +340,7 @@ def test_auto_newton_takes_the_analytic_gradient_from_four_thetas(monkeypatch):
     ref = lmmfast.lmer("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=False, optimizer="bobyqa")
     assert four.objective <= ref.objective + 1e-9 * abs(ref.objective) + 1e-5
     np.testing.assert_allclose(four.theta, ref.theta, atol=5e-3)
+    assert getattr(four.model.pls, "_minv", None) is None      # the buffer is not kept
     calls.clear()
     two = lmmfast.lmer("y ~ 1 + x + (1|g1) + (1|g2)", df, REML=False)          # 2 θ
     assert two.optsummary.optimizer == "newton" and not calls
