@@ -323,7 +323,7 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
     x0 = np.asarray(x0, dtype=float)
     lower = np.asarray(lower, dtype=float)
     summ = OptSummary("newton", x0.copy(), lower.copy(), xtol_abs=0.0, ftol_abs=stop,
-                      ftol_rel=1e-12, maxeval=maxiter * (len(x0) + 2) + 1)
+                      ftol_rel=1e-12, maxeval=(maxiter + 2) * (len(x0) + 2) + 1)
     t0 = time.perf_counter()
     counter = _Counted(fn, verbose, callback)
     bounded = np.isfinite(lower)
