@@ -355,8 +355,9 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
                     best = (xp, fp)
             if best is None:
                 break
-            if gradient is not None and not np.array_equal(best[0], xp):
-                fn(best[0])      # the gradient and the information need its factor
+            if not np.array_equal(best[0], xp):
+                # the information (and the gradient) need the factor at the point kept
+                counter.record(best[0], fn(best[0]))
             (x, fx), code, stale = best, 0, False
             if gradient is not None:
                 g = np.asarray(gradient(), dtype=float)

@@ -399,3 +399,29 @@ def test_newton_leaves_a_bound_where_the_optimum_is_inside(exact):
     assert ref.theta[5] > 0.01                       # h's slope: inside
     assert fit.objective <= ref.objective + 1e-9 * abs(ref.objective)
     np.testing.assert_allclose(fit.theta, ref.theta, atol=1e-3)
+
+
+def test_newton_differences_probe_keeps_the_lower_probes_factor():
+    """Forward differences: f = 10⁶(x² − 10⁻⁴)² + (y − 1)² + (z + 1)², x, z ≥ 0.  The
+    differences at x = 0 overshoot the minimum at x = 0.01 and push outward, so the steps
+    stop on both bounds; of the two probes the first (x) is lower, the last (z) not.  The
+    steps then go on from x's probe, with the information at that point (the factor is
+    brought back there), and reach x = 0.01."""
+    last = {}
+
+    def f(v):
+        last["v"] = v.copy()
+        x, y, z = v
+        return 1e6 * (x * x - 1e-4) ** 2 + (y - 1.0) ** 2 + (z + 1.0) ** 2
+
+    at = []
+
+    def info():
+        at.append(last["v"].copy())
+        x = last["v"][0]
+        return np.diag([1e6 * 8.0 * x * x, 2.0, 2.0])
+    lower = np.array([0.0, -np.inf, 0.0])
+    opt = optsummary.minimize_newton(f, info, np.array([0.0, 3.0, 0.0]), lower, stop=1e-12)
+    assert opt.converged
+    np.testing.assert_allclose(opt.final, [0.01, 1.0, 0.0], atol=1e-4)
+    assert any(np.allclose(a, [1e-3, 1.0, 0.0], atol=1e-6) for a in at)
