@@ -197,9 +197,10 @@ class BlockedCrossprod:
             k = ti.k
             cols = [np.column_stack([weighted_counts(inv, len(j), ti.column(a), t1.column(c))
                                      for c in range(k1)]) for a in range(k)]
-            lev.append(np.repeat(j, k))                # pair-major, then the term's columns
-            rws.append((oi + li[:, None] * k + np.arange(k)).ravel())
-            vals.append(np.stack(cols, axis=1).reshape(-1, k1))
+            # pair-major, then the term's columns (k = 1, the common case: no broadcast)
+            lev.append(j if k == 1 else np.repeat(j, k))
+            rws.append(oi + li if k == 1 else (oi + li[:, None] * k + np.arange(k)).ravel())
+            vals.append(cols[0] if k == 1 else np.stack(cols, axis=1).reshape(-1, k1))
         nxy = X.shape[1] + 1
         W = level_xy_sums(t1.codes, m1, _z(t1), X, y)          # (m1, p + 1, k1)
         lev.append(np.repeat(np.arange(m1, dtype=np.int64), nxy))
