@@ -32,7 +32,8 @@ from scipy.linalg.cython_blas cimport dgemm, dsyrk
 from lmmfast._chol cimport potrf_tiled, syrk_tiled
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
                              downdate, lam_dense_groups, lam_rows, max_panel, right_factor,
-                             rows_times, rows_tmul, symmetrize_tiles)
+                             prefetch, rows_times, rows_tmul,
+                             symmetrize_tiles)
 
 cnp.import_array()
 
@@ -43,15 +44,6 @@ DEF SMALL_SYRK = 4096
 # A panel with at least this many multiply-adds (rows × k1²) is multiplied by BLAS.
 DEF PANEL_GEMM_MIN = 2048
 
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define LMMFAST_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
-    #else
-    #define LMMFAST_PREFETCH(p) ((void)0)
-    #endif
-    """
-    void prefetch "LMMFAST_PREFETCH" (const void* p) nogil
 
 # transposed_downdate prefetches the panel of the level this many entries ahead
 DEF PREFETCH_AHEAD = 4

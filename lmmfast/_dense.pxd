@@ -8,6 +8,17 @@ cimport numpy as cnp
 from libc.math cimport sqrt
 from scipy.linalg.cython_blas cimport dsyrk
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define LMMFAST_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
+    #else
+    #define LMMFAST_PREFETCH(p) ((void)0)
+    #endif
+    """
+    # a read prefetch without temporal locality (the row-wise passes over the panels)
+    void prefetch "LMMFAST_PREFETCH" (const void* p) nogil
+
 cdef enum:
     # Panels with more entries than this use BLAS (dsyrk / dgemm) on a gathered buffer.
     BLAS_MIN = 256

@@ -15,19 +15,10 @@ from scipy.linalg.cython_lapack cimport dpotri
 from scipy.linalg.cython_blas cimport dgemm, dtrmm
 from cython.parallel cimport prange
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, cols_mul, dot4, lam_rows,
-                             lower_inverse, max_panel, rows_tmul, symmetrize_tiles)
+                             lower_inverse, max_panel, prefetch, rows_tmul,
+                             symmetrize_tiles)
 
 cnp.import_array()
-
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define LMMFAST_GRAD_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
-    #else
-    #define LMMFAST_GRAD_PREFETCH(p) ((void)0)
-    #endif
-    """
-    void prefetch "LMMFAST_GRAD_PREFETCH" (const void* p) nogil
 
 # rowwise_core prefetches the panel of the level this many entries ahead
 DEF PREFETCH_AHEAD = 4
