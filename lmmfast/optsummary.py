@@ -300,7 +300,7 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
     With ``gradient`` (``gradient() -> ∇f`` at the θ of the last call of ``fn``, e.g.
     :func:`lmmfast.gradient.blocked_gradient`) the gradient is exact instead: one call
     after each accepted step in place of n evaluations (cheaper where an evaluation is
-    dominated by a large dense Cholesky and θ has 4 or more elements: the gradient costs
+    dominated by a large dense Cholesky and θ has 3 or more elements: the gradient costs
     about two evaluations there).
 
     Stops before stepping when the step's predicted decrease −(g'd + ½ d'Hd) is below

@@ -321,8 +321,8 @@ def test_auto_takes_newton_only_for_large_moment_started_fits():
     assert lmmfast.lmer("Reaction ~ Days + (Days | Subject)", big, start="lme4").optsummary.optimizer == "bobyqa"
 
 
-def test_auto_newton_takes_the_analytic_gradient_from_four_thetas(monkeypatch):
-    """θ of 4 or more elements: Newton's gradient is the analytic one (called once per
+def test_auto_newton_takes_the_analytic_gradient_from_three_thetas(monkeypatch):
+    """θ of 3 or more elements: Newton's gradient is the analytic one (called once per
     accepted point, no difference evaluations); fewer: differences.  Both reach BOBYQA's
     optimum."""
     import lmmfast
@@ -334,7 +334,7 @@ def test_auto_newton_takes_the_analytic_gradient_from_four_thetas(monkeypatch):
     monkeypatch.setattr(gradient_mod, "blocked_gradient",
                         lambda pls, reml, **kw: calls.append(1) or real(pls, reml, **kw))
     df, _ = lmmfast.simulate.crossed(12_000, 300, 40)
-    assert model_mod.NEWTON_EXACT_MIN_THETA == 4
+    assert model_mod.NEWTON_EXACT_MIN_THETA == 3
     four = lmmfast.lmer("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=False)     # 4 θ
     assert four.optsummary.optimizer == "newton" and 1 <= len(calls) <= four.optsummary.feval
     ref = lmmfast.lmer("y ~ 1 + x + (1|g1) + (1 + x|g2)", df, REML=False, optimizer="bobyqa")
