@@ -382,6 +382,89 @@ def level_xy_sums_reference(codes, m, Z, X, y):
     return out
 
 
+cdef void level_refit_core(const cnp.int64_t* codes, Py_ssize_t n, Py_ssize_t m,
+                           const double* Z, Py_ssize_t k, double* r, const double* Ainv,
+                           double* b, double* delta) noexcept nogil:
+    cdef Py_ssize_t i, j, a, c
+    cdef double s, ri
+    for i in range(n):
+        j = codes[i]
+        ri = r[i]
+        if Z == NULL:
+            b[j] += ri
+        else:
+            for a in range(k):
+                b[j * k + a] += Z[i * k + a] * ri
+    for j in range(m):
+        for a in range(k):
+            s = 0.0
+            for c in range(k):
+                s += Ainv[(j * k + a) * k + c] * b[j * k + c]
+            delta[j * k + a] = s
+    for i in range(n):
+        j = codes[i]
+        if Z == NULL:
+            r[i] -= delta[j]
+        else:
+            s = 0.0
+            for a in range(k):
+                s += Z[i * k + a] * delta[j * k + a]
+            r[i] -= s
+
+
+def level_refit(const cnp.int64_t[::1] codes, Py_ssize_t m, Z, double[::1] r,
+                const double[:, :, ::1] Ainv):
+    """One term's effects refitted to a residual, in two passes over the rows: per level
+    j, δ_j = A_j⁻¹ Z_j'r, then r −= Z δ (in place).  Returns δ, (m, k).
+
+    Parameters
+    ----------
+    codes : (n,) int64 array, levels in [0, m)
+    Z : (n, k) C-contiguous float array, or None for one column of ones (an intercept)
+    r : (n,) float array, updated in place
+    Ainv : (m, k, k) array, A_j⁻¹ per level (zero for levels left out)
+    """
+    cdef Py_ssize_t n = codes.shape[0], k = 1, i
+    cdef const double[:, ::1] Zv
+    if r.shape[0] != n:
+        raise ValueError("codes and r must have the same length")
+    if Z is not None:
+        Zv = Z
+        k = Zv.shape[1]
+        if Zv.shape[0] != n:
+            raise ValueError("Z must have one row per code")
+    if Ainv.shape[0] != m or Ainv.shape[1] != k or Ainv.shape[2] != k:
+        raise ValueError("Ainv must be (m, k, k)")
+    cdef bint bad = False
+    with nogil:
+        for i in range(n):
+            if codes[i] < 0 or codes[i] >= m:
+                bad = True
+                break
+    if bad:
+        raise ValueError("codes must lie in [0, m)")
+    b = np.zeros(max(m * k, 1))
+    delta = np.zeros((m, k))
+    cdef double[::1] bv = b
+    cdef double[:, ::1] dv = delta
+    if n == 0 or m == 0:
+        return delta
+    with nogil:
+        level_refit_core(&codes[0], n, m, &Zv[0, 0] if Z is not None else NULL, k, &r[0],
+                         &Ainv[0, 0, 0], &bv[0], &dv[0, 0])
+    return delta
+
+
+def level_refit_reference(codes, m, Z, r, Ainv):
+    """numpy oracle of :func:`level_refit` (r updated in place)."""
+    Z = np.ones((len(codes), 1)) if Z is None else np.asarray(Z)
+    b = np.column_stack([np.bincount(codes, weights=Z[:, a] * r, minlength=m)
+                         for a in range(Z.shape[1])])
+    delta = np.einsum("jab,jb->ja", Ainv, b)
+    r -= np.einsum("ia,ia->i", Z, delta[codes])
+    return delta
+
+
 def _check_panels(indptr, rows, P, Py_ssize_t D):
     """Validate a panel pattern and its panels (for :func:`panel_dot` and
     :func:`panel_scatter`); return the number of levels."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg.blas import ddot, dgemv
 
+from ._remat import level_refit
 from .fixed import xy_gram as xy_gram_of
 from .remat import _tril_colmajor
 
@@ -135,29 +136,21 @@ class LevelFit:
         self.inner = None            # (fit of a factor nested in this one, its weights)
         self.refine = 1
         self.neff = float(np.count_nonzero(self.ok))
-
-    def rows(self, eff):
-        """The fitted values of effects ``eff`` (m × k) on the term's rows."""
-        t = self.t
-        if self.intercept:
-            return eff[t.codes, 0]
-        return np.einsum("rk,rk->r", t.X, eff[t.codes])
+        self._refit_args = None      # (A⁻¹ per level, the term's columns) for refit
 
     def refit(self, r):
         """Refit the effects to ``r`` plus their current fit; update ``r`` in place.
 
         The refit of r + Z e is e + A⁻¹ Z'r (A_j⁻¹ A_j = I on the levels fitted, and the
-        others keep e = 0), so one pass adds the change: r −= Z A⁻¹ Z'r."""
+        others keep e = 0), so the change is added: r −= Z A⁻¹ Z'r, two compiled passes
+        over the rows (:func:`lmmfast._remat.level_refit`)."""
         t = self.t
-        if t.k == 1:
-            w = r if self.intercept else t.X[:, 0] * r
-            delta = (np.bincount(t.codes, weights=w, minlength=t.nlevels) * self.ainv)[:, None]
-        else:
-            b = np.column_stack([np.bincount(t.codes, weights=t.X[:, a] * r, minlength=t.nlevels)
-                                 for a in range(t.k)])
-            delta = np.einsum("jab,jb->ja", self.Ainv, b)
-        self.eff += delta
-        r -= self.rows(delta)
+        if self._refit_args is None:
+            Ainv = self.ainv.reshape(-1, 1, 1) if t.k == 1 else self.Ainv
+            Z = None if self.intercept else np.ascontiguousarray(t.X, dtype=float)
+            self._refit_args = (np.ascontiguousarray(Ainv), Z)
+        Ainv, Z = self._refit_args
+        self.eff += level_refit(t.codes, t.nlevels, Z, r, Ainv)
 
     def theta(self, s2: float, floor: float = 1e-4, floor_vector: float = 0.01) -> np.ndarray:
         """θ of the term: the covariance of the effects less their mean sampling

@@ -148,6 +148,38 @@ def test_level_xy_sums_match_bincounts(n, m, p, k, seed):
                                rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 200), st.integers(1, 15), st.integers(0, 3), st.integers(0, 2**31 - 1))
+def test_level_refit_matches_numpy(n, m, k, seed):
+    """_remat.level_refit (δ_j = A_j⁻¹ Z_j'r, r −= Z δ) against bincounts and einsum; k = 0
+    stands for Z = None (a lone intercept)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, m, n)
+    kk = max(k, 1)
+    Z = None if k == 0 else rng.normal(size=(n, k))
+    B = rng.normal(size=(m, kk, kk))
+    Ainv = np.ascontiguousarray(B @ B.transpose(0, 2, 1))
+    r = rng.normal(size=n)
+    r_ref = r.copy()
+    d_ref = _remat.level_refit_reference(codes, m, Z, r_ref, Ainv)
+    d = _remat.level_refit(codes, m, Z, r, Ainv)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r, r_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_level_refit_rejects_bad_input():
+    codes = np.array([0, 1, 2], dtype=np.int64)
+    r = np.ones(3)
+    with pytest.raises(ValueError, match="codes"):
+        _remat.level_refit(codes, 2, None, r, np.ones((2, 1, 1)))
+    with pytest.raises(ValueError, match="length"):
+        _remat.level_refit(codes, 3, None, r[:2], np.ones((3, 1, 1)))
+    with pytest.raises(ValueError, match="Ainv"):
+        _remat.level_refit(codes, 3, np.ones((3, 2)), r, np.ones((3, 1, 1)))
+    with pytest.raises(ValueError, match="Z"):
+        _remat.level_refit(codes, 3, np.ones((2, 1)), r, np.ones((3, 1, 1)))
+
+
 def test_level_xy_sums_rejects_bad_input():
     codes = np.array([0, 1, 2], dtype=np.int64)
     X, y = np.ones((3, 2)), np.ones(3)
