@@ -306,6 +306,29 @@ def dense_crossprod_reference(codes1, m1, Z1, R, V, D):
             np.concatenate(panels).reshape(-1, k1))
 
 
+def _z_width(Z, Py_ssize_t n):
+    """The number of columns of a term's model matrix Z, checked to have n rows; 1 for
+    None (a lone intercept)."""
+    if Z is None:
+        return 1
+    if np.shape(Z)[0] != n:
+        raise ValueError("Z must have one row per code")
+    return np.shape(Z)[1]
+
+
+def _check_codes(const cnp.int64_t[::1] codes, Py_ssize_t m):
+    """Raise ValueError unless every code lies in [0, m) (one pass, without the GIL)."""
+    cdef Py_ssize_t i, n = codes.shape[0]
+    cdef bint bad = False
+    with nogil:
+        for i in range(n):
+            if codes[i] < 0 or codes[i] >= m:
+                bad = True
+                break
+    if bad:
+        raise ValueError("codes must lie in [0, m)")
+
+
 cdef void level_xy_sums_core(const cnp.int64_t* codes, Py_ssize_t n, const double* Z,
                              Py_ssize_t k, const double* X, Py_ssize_t p, const double* y,
                              double* out) noexcept nogil:
@@ -348,19 +371,10 @@ def level_xy_sums(const cnp.int64_t[::1] codes, Py_ssize_t m, Z, const double[:,
     cdef const double[:, ::1] Zv
     if X.shape[0] != n or y.shape[0] != n:
         raise ValueError("codes, X and y must have the same number of rows")
+    k = _z_width(Z, n)
     if Z is not None:
         Zv = Z
-        k = Zv.shape[1]
-        if Zv.shape[0] != n:
-            raise ValueError("Z must have one row per code")
-    cdef bint bad = False
-    with nogil:
-        for i in range(n):
-            if codes[i] < 0 or codes[i] >= m:
-                bad = True
-                break
-    if bad:
-        raise ValueError("codes must lie in [0, m)")
+    _check_codes(codes, m)
     out = np.zeros((m, p + 1, k))
     cdef double[:, :, ::1] ov = out
     if n == 0 or m == 0:
@@ -428,21 +442,12 @@ def level_refit(const cnp.int64_t[::1] codes, Py_ssize_t m, Z, double[::1] r,
     cdef const double[:, ::1] Zv
     if r.shape[0] != n:
         raise ValueError("codes and r must have the same length")
+    k = _z_width(Z, n)
     if Z is not None:
         Zv = Z
-        k = Zv.shape[1]
-        if Zv.shape[0] != n:
-            raise ValueError("Z must have one row per code")
     if Ainv.shape[0] != m or Ainv.shape[1] != k or Ainv.shape[2] != k:
         raise ValueError("Ainv must be (m, k, k)")
-    cdef bint bad = False
-    with nogil:
-        for i in range(n):
-            if codes[i] < 0 or codes[i] >= m:
-                bad = True
-                break
-    if bad:
-        raise ValueError("codes must lie in [0, m)")
+    _check_codes(codes, m)
     b = np.zeros(max(m * k, 1))
     delta = np.zeros((m, k))
     cdef double[::1] bv = b
