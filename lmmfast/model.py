@@ -177,10 +177,11 @@ class LinearMixedModel:
             :data:`NEWTON_EXACT_MIN_THETA` elements of θ
             (:func:`lmmfast.optsummary.minimize_newton`; BOBYQA takes over where it stalls):
             from the moment start, half the evaluations of BOBYQA or fewer (the 1 M-row
-            crossed rung: 2 evaluations and 2 gradients).  ``"auto"`` (default) takes L-BFGS-B when θ has 8 or more
-            elements, where BOBYQA's evaluation count grows fastest (and it stops short of
-            the optimum more often); Newton from :data:`NEWTON_MIN_NOBS` observations with a
-            moment start, where evaluations cost milliseconds to seconds; BOBYQA otherwise.
+            crossed rung: 2 evaluations and 2 gradients).  ``"auto"`` (default) takes
+            L-BFGS-B when θ has 8 or more elements, where BOBYQA's evaluation count grows
+            fastest (and it stops short of the optimum more often); Newton from
+            :data:`NEWTON_MIN_NOBS` observations with a moment start, where evaluations
+            cost milliseconds to seconds; BOBYQA otherwise.
         start : "auto", "lme4", "moments" or array_like
             Starting θ.  ``"lme4"``: 1 on diagonals, 0 elsewhere.  ``"moments"``:
             :meth:`moment_start`, which takes about half the evaluations of lme4's start
