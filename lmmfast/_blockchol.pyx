@@ -32,7 +32,7 @@ from scipy.linalg.cython_blas cimport dgemm, dsyrk
 from lmmfast._chol cimport potrf_tiled, syrk_tiled
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
                              downdate, lam_dense_groups, lam_rows, max_panel, right_factor,
-                             prefetch, rows_times, rows_tmul,
+                             PREFETCH_AHEAD, prefetch_panel, rows_times, rows_tmul,
                              symmetrize_tiles)
 
 cnp.import_array()
@@ -44,9 +44,6 @@ DEF SMALL_SYRK = 4096
 # A panel with at least this many multiply-adds (rows × k1²) is multiplied by BLAS.
 DEF PANEL_GEMM_MIN = 2048
 
-
-# transposed_downdate prefetches the panel of the level this many entries ahead
-DEF PREFETCH_AHEAD = 4
 
 
 cdef void transposed_downdate(
@@ -82,18 +79,8 @@ cdef void transposed_downdate(
             acc[u] = 0.0
         for t in range(tptr[r], tptr[r + 1]):
             ta = t + PREFETCH_AHEAD
-            if ta < ntrans:
-                # the whole stretch of that panel this row reads (a cache line per 8
-                # doubles, 16 row indices): the first line alone leaves the rest to the
-                # hardware's stream detection, a miss or two per panel
-                kk = tstart[ta] * k1
-                while kk <= tidx[ta] * k1 + k1 - 1:
-                    prefetch(L21 + kk)
-                    kk = kk + 8
-                kk = tstart[ta]
-                while kk <= tidx[ta]:
-                    prefetch(rows + kk)
-                    kk = kk + 16
+            if ta < ntrans:                 # the stretch of that panel this row reads
+                prefetch_panel(L21, rows, tstart[ta], tidx[ta] + 1, k1)
             p0 = tstart[t]
             p1 = tidx[t]
             v = L21 + p1 * k1
@@ -540,6 +527,24 @@ def single_levels(batch, Py_ssize_t m1):
     single = np.zeros(m1, dtype=bool)
     single[b[:len(b) - 1][np.diff(b) == 1]] = True
     return single
+
+
+def transposed_pattern_ok(tptr, tidx, tlev, indptr) -> bool:
+    """Whether (tptr, tidx, tlev) is a transposed pattern of the panels ``indptr``
+    (``BlockedCrossprod.tptr``...): tptr rising from 0 to the number of entries, one level
+    per entry, and each entry's position inside that level's panel.  Checked by both
+    passes that read it: the row-wise downdate (``_pls.BlockedFactor``) and the
+    gradient's row-wise products (``_gradient.rowwise_products``)."""
+    tp, ti, tl, ip = (np.asarray(a) for a in (tptr, tidx, tlev, indptr))
+    m1 = len(ip) - 1
+    if (len(tp) < 1 or len(tl) != len(ti) or tp[0] != 0 or tp[len(tp) - 1] != len(ti)
+            or np.any(np.diff(tp) < 0)):
+        return False
+    if len(ti) == 0:
+        return True
+    if tl.min() < 0 or tl.max() >= m1:
+        return False
+    return not (np.any(ip[tl] > ti) or np.any(ip[tl + 1] <= ti))
 
 
 def _heavy_setup(heavy, batch, Py_ssize_t m1, Py_ssize_t k1, Py_ssize_t D):

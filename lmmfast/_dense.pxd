@@ -20,10 +20,28 @@ cdef extern from *:
     void prefetch "LMMFAST_PREFETCH" (const void* p) nogil
 
 cdef enum:
+    # The row-wise passes prefetch the panel of the entry this many entries ahead.
+    PREFETCH_AHEAD = 4
     # Panels with more entries than this use BLAS (dsyrk / dgemm) on a gathered buffer.
     BLAS_MIN = 256
     # Largest panel (rows) gathered into a buffer; bigger panels use the plain loops.
     GATHER_MAX = 2048
+
+
+cdef inline void prefetch_panel(const double* v, const cnp.int32_t* rows, Py_ssize_t p0,
+                                Py_ssize_t p1, Py_ssize_t k1) noexcept nogil:
+    """Prefetch panel entries p0..p1-1: their values ``v`` (k1 per entry, a cache line per
+    8 doubles) and row indices (16 per line).  The row-wise passes prefetch the whole
+    stretch they will read a few entries ahead: the first line alone leaves the rest to
+    the hardware's stream detection, a miss or two per panel."""
+    cdef Py_ssize_t kk = p0 * k1
+    while kk < p1 * k1:
+        prefetch(v + kk)
+        kk = kk + 8
+    kk = p0
+    while kk < p1:
+        prefetch(rows + kk)
+        kk = kk + 16
 
 
 cdef inline Py_ssize_t max_panel(const cnp.int64_t[::1] indptr) noexcept:

@@ -14,14 +14,12 @@ cimport numpy as cnp
 from scipy.linalg.cython_lapack cimport dpotri
 from scipy.linalg.cython_blas cimport dgemm, dtrmm
 from cython.parallel cimport prange
+from lmmfast._blockchol import transposed_pattern_ok
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, cols_mul, dot4, lam_rows,
-                             lower_inverse, max_panel, prefetch, rows_tmul,
-                             symmetrize_tiles)
+                             lower_inverse, max_panel, PREFETCH_AHEAD, prefetch_panel,
+                             rows_tmul, symmetrize_tiles)
 
 cnp.import_array()
-
-# rowwise_core prefetches the panel of the level this many entries ahead
-DEF PREFETCH_AHEAD = 4
 
 
 cdef int grad_block1_core(
@@ -290,17 +288,8 @@ cdef void rowwise_core(const double* Minv, Py_ssize_t Dp, Py_ssize_t nrow, Py_ss
         mrow = Minv + r * Dp
         for t in range(tptr[r], tptr[r + 1]):
             ta = t + PREFETCH_AHEAD
-            if ta < ntrans:
-                # all of that panel (a line per 8 doubles, 16 row indices): the first line
-                # alone leaves a miss or two per panel to the hardware's stream detection
-                kk = indptr[tlev[ta]] * k1
-                while kk < indptr[tlev[ta] + 1] * k1:
-                    prefetch(V + kk)
-                    kk = kk + 8
-                kk = indptr[tlev[ta]]
-                while kk < indptr[tlev[ta] + 1]:
-                    prefetch(rows + kk)
-                    kk = kk + 16
+            if ta < ntrans:                 # all of that panel
+                prefetch_panel(V, rows, indptr[tlev[ta]], indptr[tlev[ta] + 1], k1)
             p1 = indptr[tlev[t] + 1]
             if k1 == 1:
                 s0 = 0.0
@@ -345,17 +334,13 @@ def rowwise_products(const double[:, ::1] Minv, const cnp.int64_t[::1] indptr,
         raise ValueError("Minv must be square")
     if P.shape[0] != V.shape[0] or P.shape[1] != k1 or rows.shape[0] != V.shape[0]:
         raise ValueError("P, V and rows must have one row per panel entry")
-    if tlev.shape[0] != ntrans or tptr.shape[0] < 1 or tptr[0] != 0 or tptr[tptr.shape[0] - 1] != ntrans:
-        raise ValueError("transposed pattern is inconsistent")
     if m1 < 0 or indptr[0] != 0 or indptr[m1] != V.shape[0]:
         raise ValueError("indptr does not match the panels")
-    tl, ti = np.asarray(tlev), np.asarray(tidx)
     ip = np.asarray(indptr)
-    if ntrans and (np.any(np.diff(np.asarray(tptr)) < 0) or tl.min() < 0 or tl.max() >= m1
-                   or np.any(ti < ip[tl]) or np.any(ti >= ip[tl + 1])):
-        raise ValueError("transposed pattern does not match the panels")
     if np.any(np.diff(ip) < 0) or (rows.shape[0] and np.asarray(rows).min() < 0):
         raise ValueError("panels must have non-negative row indices and sizes")
+    if not transposed_pattern_ok(tptr, tidx, tlev, ip):
+        raise ValueError("transposed pattern does not match the panels")
     nrow = min(Dp, tptr.shape[0] - 1)
     if nthreads < 1:
         nthreads = 1
@@ -399,7 +384,6 @@ def dense_inverse(const double[:, ::1] L22, Py_ssize_t Dp, double[:, ::1] out):
         if info == 0:
             symmetrize_tiles(&out[0, 0], Dp, Dp)
     return info
-
 
 
 cdef void rest_trace_core(const double* Minv, Py_ssize_t Dp, const double* A22, Py_ssize_t D,

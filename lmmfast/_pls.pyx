@@ -19,7 +19,8 @@ from cpython.pycapsule cimport PyCapsule_New
 from lmmfast._chol cimport MAX_BLAS_SETTERS, blas_restore_threads, blas_single_thread
 from lmmfast._dense cimport BLAS_MIN, GATHER_MAX, max_panel
 from lmmfast._blockchol cimport SMALL_CHOL, batched_width, update_blocked_core
-from lmmfast._blockchol import _heavy_setup, single_levels, update_blocked
+from lmmfast._blockchol import (_heavy_setup, single_levels, transposed_pattern_ok,
+                                update_blocked)
 
 cnp.import_array()
 
@@ -247,12 +248,9 @@ cdef class BlockedFactor:
             # the levels the row-wise downdate may hold: alone in their batch, not heavy
             rowwise = single_levels(xp.batch, self.m1)
             rowwise[self.heavy_arr] = False
-            if (len(tp) != self.D + 1 or len(ti) > self.rows.shape[0] or len(tl) != len(ti)
-                    or tp[0] != 0 or tp[len(tp) - 1] != len(ti) or np.any(np.diff(tp) < 0)
-                    or (len(ti) and (ti.min() < 0 or ti.max() >= self.rows.shape[0]
-                                     or tl.min() < 0 or tl.max() >= self.m1
-                                     or np.any(ip[tl] > ti) or np.any(ip[tl + 1] <= ti)
-                                     or not rowwise[tl].all()))):
+            if (len(tp) != self.D + 1 or len(ti) > self.rows.shape[0]
+                    or not transposed_pattern_ok(tp, ti, tl, ip)
+                    or (len(ti) and not rowwise[tl].all())):
                 raise ValueError("transposed pattern does not match the panels")
             # the X/y rows' downdate (xy_accumulate) takes the last D - nz rows of each
             # panel to be the X/y rows nz..D-1

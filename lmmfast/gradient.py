@@ -34,19 +34,6 @@ from .remat import _tril_colmajor
 __all__ = ["blocked_gradient", "gram_times", "numeric_gradient", "z_residual"]
 
 
-def _lam_t_rows(M, xp, rscale, Tflat, nrows):
-    """Λ_rest' M for the first ``nrows`` rows of the dense block (row operations): a
-    vector term's k-row groups all at once (one T per term), scalar rows scaled."""
-    out = M * rscale[:nrows, None]
-    for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
-        if k == 1 or o >= nrows:
-            continue
-        T = Tflat[xp.rtoff[o]: xp.rtoff[o] + k * k].reshape(k, k)
-        q = m * k
-        out[o: o + q] = np.matmul(T.T, M[o: o + q].reshape(m, k, -1)).reshape(q, -1)
-    return out
-
-
 def _panel_products(pls, Minv):
     """(P, flags) for :func:`lmmfast._gradient.grad_block1`: P_j = Minv22[rows_j, rows_j] V_j
     on the random-effects rows of the levels flagged, formed here for large dense blocks

@@ -33,7 +33,7 @@ import numpy as np
 from scipy.linalg.blas import dgemm, dtrsm
 
 from ._remat import panel_dot_many, panel_scatter_many
-from .gradient import _lam_t_rows, z_residual
+from .gradient import z_residual
 from .remat import _tril_colmajor
 
 __all__ = ["average_information", "dense_information"]
@@ -48,6 +48,19 @@ def _mm(A, B):
     if A.flags.c_contiguous and not A.flags.f_contiguous:
         return dgemm(1.0, A.T, B, trans_a=1)         # its transpose is column-major: no copy
     return dgemm(1.0, A, B)
+
+
+def _lam_t_rows(M, xp, rscale, Tflat, nrows):
+    """Λ_rest' M for the first ``nrows`` rows of the dense block (row operations): a
+    vector term's k-row groups all at once (one T per term), scalar rows scaled."""
+    out = M * rscale[:nrows, None]
+    for (m, k), o in zip(xp.term_shapes[1:], xp.rest_offsets):
+        if k == 1 or o >= nrows:
+            continue
+        T = Tflat[xp.rtoff[o]: xp.rtoff[o] + k * k].reshape(k, k)
+        q = m * k
+        out[o: o + q] = np.matmul(T.T, M[o: o + q].reshape(m, k, -1)).reshape(q, -1)
+    return out
 
 
 def _directions(zes, Ts, term_shapes):

@@ -182,7 +182,7 @@ def test_rest_trace_matches_numpy(formula, reml):
     """_gradient.rest_trace against the dense products: Λ_rest'A22 formed by row
     operations and the later terms' diagonal blocks of Minv ∘ (Λ_rest'A22) summed."""
     from helpers import sim_three_factors
-    from lmmfast.gradient import _lam_t_rows
+    from lmmfast.information import _lam_t_rows
 
     m = lmmfast.LinearMixedModel(formula, sim_three_factors(), REML=reml, method="blocked")
     rng = np.random.default_rng(2)
