@@ -199,8 +199,9 @@ cdef int update_blocked_core(
     """One factorization (see :func:`update_blocked`).  With the transposed pattern
     (``tptr``), ``tstart`` is where each entry's panel starts (``indptr[tlev]``),
     ``rows32`` is ``rows`` as int32 and ``wxy`` holds (D - nz) × D scratch doubles for the
-    X/y rows' downdate; ``rbuf`` holds 2 k1² + k1 scratch doubles (a level's T1 L11^{-T}
-    and L11^{-1}, and one panel row).  With ``chol_threads`` > 1 the heavy levels' update
+    X/y rows' downdate; ``rbuf`` holds max(2 k1² + k1, k²) scratch doubles, k the widest
+    later term (a level's T1 L11^{-T} and L11^{-1}, and one panel row; first Λ's
+    transform of the dense block).  With ``chol_threads`` > 1 the heavy levels' update
     and the dense Cholesky run tiled (``tile`` columns) on that many OpenMP threads with
     single-threaded BLAS (:mod:`lmmfast._chol`); else through BLAS/LAPACK as called."""
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
@@ -229,7 +230,7 @@ cdef int update_blocked_core(
     # writes them before it (no group factors, no batched or heavy levels)
     cdef bint fused = tptr != NULL and not groups and nheavy == 0 and nbatch == m1
     if groups:
-        lam_dense_groups(A22, L22, D, rscale, rk, rtoff, Tflat)
+        lam_dense_groups(A22, L22, D, rscale, rk, rtoff, Tflat, rbuf)
     else:
         for r in range(nz if fused else 0, D):
             s = rscale[r]
@@ -502,7 +503,7 @@ def update_blocked(const double[:, :, ::1] A11, const double[:, ::1] T1,
         return 0
     wb = np.empty(wmax)
     cdef double[::1] wbv = wb
-    rb = np.empty(2 * k1 * k1 + k1)
+    rb = np.empty(max(2 * k1 * k1 + k1, int(np.max(rk, initial=1)) ** 2))
     cdef double[::1] rbv = rb
     cdef const char[::1] hfv = hflag_arr
     cdef double[::1] hbv = hb

@@ -19,6 +19,64 @@ cdef extern from *:
     # a read prefetch without temporal locality (the row-wise passes over the panels)
     void prefetch "LMMFAST_PREFETCH" (const void* p) nogil
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* One block of L = Λ' A Λ: L[0:kr, 0:kc] (leading dimension D) <- U_r' A[0:kr, 0:kc] U_c
+       with U = T (lower triangular, row-major k x k) for a group, the scalar sr / sc for
+       a single row (kr or kc = 1: T NULL; T's upper triangle must hold zeros).  First
+       A U_c into tmp (kr x kc: each row of A along the rows of T_c, contiguous), then
+       U_r' tmp row by row; non-aliasing pointers, so the loops vectorize. */
+    static inline void lmmfast_lam_block(double *restrict L, const double *restrict A,
+                                         int64_t D, int64_t kr, int64_t kc,
+                                         const double *restrict Tr, double sr,
+                                         const double *restrict Tc, double sc,
+                                         double *restrict tmp)
+    {
+        int64_t a, b, c;
+        int nonzero = 0;
+        for (a = 0; a < kr && !nonzero; a++)     /* blocks of A that are zero (levels of */
+            for (c = 0; c < kc; c++)             /* two terms that never meet) stay zero */
+                nonzero |= A[a * D + c] != 0.0;
+        if (!nonzero) {
+            for (a = 0; a < kr; a++)
+                for (c = 0; c < kc; c++) L[a * D + c] = 0.0;
+            return;
+        }
+        for (a = 0; a < kr; a++) {
+            const double *restrict ar = A + a * D;
+            double *restrict ta = tmp + a * kc;
+            if (Tc == 0) {
+                ta[0] = ar[0] * sc;
+                continue;
+            }
+            for (c = 0; c < kc; c++) ta[c] = 0.0;
+            for (b = 0; b < kc; b++) {          /* whole rows of T (zeros above): the */
+                double x = ar[b];               /* loops keep one length, and vectorize */
+                const double *restrict tb = Tc + b * kc;
+                for (c = 0; c < kc; c++) ta[c] += x * tb[c];
+            }
+        }
+        for (a = 0; a < kr; a++) {
+            double *restrict la = L + a * D;
+            if (Tr == 0) {
+                for (c = 0; c < kc; c++) la[c] = tmp[c] * sr;
+                continue;
+            }
+            for (c = 0; c < kc; c++) la[c] = 0.0;
+            for (b = 0; b < kr; b++) {
+                double x = Tr[b * kr + a];
+                const double *restrict tb = tmp + b * kc;
+                for (c = 0; c < kc; c++) la[c] += x * tb[c];
+            }
+        }
+    }
+    """
+    void lam_block "lmmfast_lam_block" (double* L, const double* A, cnp.int64_t D,
+                                        cnp.int64_t kr, cnp.int64_t kc, const double* Tr,
+                                        double sr, const double* Tc, double sc,
+                                        double* tmp) noexcept nogil
+
 cdef enum:
     # The row-wise passes prefetch the panel of the entry this many entries ahead.
     PREFETCH_AHEAD = 4
@@ -168,38 +226,25 @@ cdef inline void lam_rows(double* v, Py_ssize_t nr, Py_ssize_t k1, const cnp.int
 
 cdef inline void lam_dense_groups(const double* A, double* L, Py_ssize_t D,
                                   const double* rscale, const cnp.int64_t* rk,
-                                  const cnp.int64_t* rtoff, const double* Tflat) noexcept nogil:
+                                  const cnp.int64_t* rtoff, const double* Tflat,
+                                  double* tmp) noexcept nogil:
     """L <- Λ' A Λ on the lower block triangle, unit by unit.
 
     The rows of the dense block fall into units: a scalar row (``rk == 1``, scaled by
     ``rscale``) or a k-row group (``rk == k`` at its first row, transformed by its T).
-    Block (R, C) of the result, C <= R, is U_R' A[R, C] U_C: one pass over the lower
-    triangle in row order (a transform of whole columns per group would stride through
-    all D rows once per group)."""
-    cdef Py_ssize_t r0 = 0, c0, kr, kc, a, b
-    cdef double sr
-    cdef double* blk
+    Block (R, C) of the result, C <= R, is U_R' A[R, C] U_C (:c:func:`lmmfast_lam_block`;
+    ``tmp``: k_R k_C doubles for the largest units): one pass over the lower triangle in
+    row order (a transform of whole columns per group would stride through all D rows
+    once per group)."""
+    cdef Py_ssize_t r0 = 0, c0, kr, kc
     while r0 < D:
         kr = rk[r0]
         c0 = 0
         while c0 <= r0:
             kc = rk[c0]
-            blk = L + r0 * D + c0
-            for a in range(kr):
-                for b in range(kc):
-                    blk[a * D + b] = A[(r0 + a) * D + c0 + b]
-            if kr == 1:
-                sr = rscale[r0]
-                for b in range(kc):
-                    blk[b] *= sr
-            else:
-                rows_tmul(blk, D, kc, Tflat + rtoff[r0], kr)
-            if kc == 1:
-                sr = rscale[c0]
-                for a in range(kr):
-                    blk[a * D] *= sr
-            else:
-                cols_mul(blk, D, kr, Tflat + rtoff[c0], kc)
+            lam_block(L + r0 * D + c0, A + r0 * D + c0, D, kr, kc,
+                      Tflat + rtoff[r0] if kr > 1 else NULL, rscale[r0],
+                      Tflat + rtoff[c0] if kc > 1 else NULL, rscale[c0], tmp)
             c0 += kc
         r0 += kr
 

@@ -232,7 +232,8 @@ cdef class BlockedFactor:
         self.buf = np.empty(min(nrmax, GATHER_MAX) ** 2 if self.use_buf else 1)
         self.wbuf = np.empty(batched_width(&self.batch[0], self.nbatch, &self.indptr[0],
                                            self.k1))
-        self.rbuf = np.empty(2 * self.k1 * self.k1 + self.k1)
+        self.rbuf = np.empty(max(2 * self.k1 * self.k1 + self.k1,
+                                 int(np.max(xp.rk, initial=1)) ** 2))
         self.bufv, self.wbufv, self.rbufv = self.buf, self.wbuf, self.rbuf
         self.transposed = xp.tptr is not None
         self.nthreads = 1
