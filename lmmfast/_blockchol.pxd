@@ -1,5 +1,6 @@
 """Declarations of the blocked Cholesky kernel (``_blockchol.pyx``) for ``_pls``."""
 cimport numpy as cnp
+from lmmfast._obsform cimport ObsForm
 
 # Dense blocks up to this size are factored by plain loops (chol_lower): LAPACK calls
 # cost more there.
@@ -16,7 +17,8 @@ cdef int update_blocked_core(
         const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tstart,
         const cnp.int32_t* rows32, double* acc, double* wxy, const cnp.int64_t* heavy, Py_ssize_t nheavy,
         const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads,
-        double* rbuf, int chol_threads=*, Py_ssize_t tile=*) noexcept nogil
+        double* rbuf, int chol_threads=*, Py_ssize_t tile=*,
+        const ObsForm* obs=*) noexcept nogil
 
 cdef Py_ssize_t batched_width(const cnp.int64_t* batch, Py_ssize_t nbatch,
                               const cnp.int64_t* indptr, Py_ssize_t k1) noexcept nogil

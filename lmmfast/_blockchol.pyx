@@ -30,6 +30,7 @@ from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_lapack cimport dpotrf
 from scipy.linalg.cython_blas cimport dgemm, dsyrk
 from lmmfast._chol cimport potrf_tiled, syrk_tiled
+from lmmfast._obsform cimport ObsForm, obs_update
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
                              downdate, lam_dense_groups, lam_rows, max_panel, right_factor,
                              PREFETCH_AHEAD, prefetch_panel, rows_times, rows_tmul,
@@ -195,7 +196,8 @@ cdef int update_blocked_core(
         const cnp.int64_t* tptr, const cnp.int64_t* tidx, const cnp.int64_t* tstart,
         const cnp.int32_t* rows32, double* acc, double* wxy, const cnp.int64_t* heavy, Py_ssize_t nheavy,
         const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads,
-        double* rbuf, int chol_threads=1, Py_ssize_t tile=0) noexcept nogil:
+        double* rbuf, int chol_threads=1, Py_ssize_t tile=0,
+        const ObsForm* obs=NULL) noexcept nogil:
     """One factorization (see :func:`update_blocked`).  With the transposed pattern
     (``tptr``), ``tstart`` is where each entry's panel starts (``indptr[tlev]``),
     ``rows32`` is ``rows`` as int32 and ``wxy`` holds (D - nz) × D scratch doubles for the
@@ -203,7 +205,10 @@ cdef int update_blocked_core(
     later term (a level's T1 L11^{-T} and L11^{-1}, and one panel row; first Λ's
     transform of the dense block).  With ``chol_threads`` > 1 the heavy levels' update
     and the dense Cholesky run tiled (``tile`` columns) on that many OpenMP threads with
-    single-threaded BLAS (:mod:`lmmfast._chol`); else through BLAS/LAPACK as called."""
+    single-threaded BLAS (:mod:`lmmfast._chol`); else through BLAS/LAPACK as called.
+    With ``obs`` (not NULL) the levels of term 1 are factored and downdated from their
+    observations (:func:`lmmfast._obsform.obs_update`; no batches, heavy levels or
+    transposed pattern then)."""
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
     cdef Py_ssize_t nxy = D - nz
     cdef int k_i, ld_i
@@ -213,7 +218,7 @@ cdef int update_blocked_core(
     cdef double* blk
     cdef double* v
     cdef int info = 0
-    cdef int n_i, lda_i
+    cdef int n_i
     cdef char uplo = b'U'
 
     if tptr != NULL:
@@ -239,6 +244,13 @@ cdef int update_blocked_core(
     if not fused:
         for r in range(nz):
             L22[r * D + r] += 1.0
+    if obs != NULL:
+        # ---- the levels of term 1 from their observations (``_obsform``)
+        info = obs_update(A11, m1, k1, T1, indptr, D, nz, rscale, rtoff, Tflat, L11, L21,
+                          L22, obs, nthreads)
+        if info != 0:
+            return info
+        return dense_chol(L22, D, chol_threads, tile)
 
     for bi in range(nbatch):
         j0 = batch[bi]
@@ -376,7 +388,15 @@ cdef int update_blocked_core(
             for b in range(a + 1):
                 L22[(nz + a) * D + nz + b] -= wxy[nz * nxy + a * nxy + b]
 
-    # ---- dense Cholesky of L22 (row-major lower == column-major upper)
+    return dense_chol(L22, D, chol_threads, tile)
+
+
+cdef inline int dense_chol(double* L22, Py_ssize_t D, int chol_threads,
+                           Py_ssize_t tile) noexcept nogil:
+    """The dense block's Cholesky in place (row-major lower == column-major upper): plain
+    loops when small, tiled on ``chol_threads`` threads, else LAPACK; its info."""
+    cdef int n_i, lda_i, info = 0
+    cdef char uplo = b'U'
     if D <= SMALL_CHOL:
         return chol_lower(L22, D, D)
     if chol_threads > 1:
@@ -384,9 +404,7 @@ cdef int update_blocked_core(
     n_i = <int>D
     lda_i = <int>D
     dpotrf(&uplo, &n_i, L22, &lda_i, &info)
-    if info != 0:
-        return info
-    return 0
+    return info
 
 
 cdef Py_ssize_t batched_width(const cnp.int64_t* batch, Py_ssize_t nbatch,

@@ -19,6 +19,7 @@ from cpython.pycapsule cimport PyCapsule_New
 from lmmfast._chol cimport MAX_BLAS_SETTERS, blas_restore_threads, blas_single_thread
 from lmmfast._dense cimport BLAS_MIN, GATHER_MAX, max_panel
 from lmmfast._blockchol cimport SMALL_CHOL, batched_width, update_blocked_core
+from lmmfast._obsform cimport ObsForm
 from lmmfast._blockchol import (_heavy_setup, single_levels, transposed_pattern_ok,
                                 update_blocked)
 
@@ -191,6 +192,9 @@ cdef class BlockedFactor:
     cdef const cnp.int64_t[::1] heavyv
     cdef const char[::1] hflagv
     cdef double[::1] hbufv
+    cdef ObsForm obsf
+    cdef bint use_obs
+    cdef readonly object obs_arrays      # what obsf points into, kept alive here
 
     def __init__(self, xp):
         self.xp = xp
@@ -291,6 +295,141 @@ cdef class BlockedFactor:
         # the X/y rows' downdate (xy_accumulate): W (nz × nxy) then XX (nxy × nxy)
         self.wxy = np.zeros((self.D - self.nz) * self.D if self.transposed else 1)
         self.wxyv = self.wxy
+        self.use_obs = getattr(xp, "obs", None) is not None
+        if self.use_obs:
+            self._set_obs(xp.obs)
+            self.fixed_threads = (self.nthreads > 1 or self.chol_threads > 1) and request is not None
+
+    def _set_obs(self, ob):
+        """Validate the observation form (``obsform.ObsData``) against the panels, once,
+        and point the kernel's struct at it (and at its scratch)."""
+        if self.transposed or self.nheavy:
+            raise ValueError("the observation form excludes heavy levels and the transposed pattern")
+        D, nz, m1, k1 = self.D, self.nz, self.m1, self.k1
+        nxy = D - nz
+        optr = np.ascontiguousarray(ob.optr, dtype=np.int64)
+        z1 = np.ascontiguousarray(ob.z1, dtype=np.float64)
+        upos = np.ascontiguousarray(ob.upos, dtype=np.int64)
+        uprow = np.ascontiguousarray(ob.uprow, dtype=np.int64)
+        uk = np.ascontiguousarray(ob.uk, dtype=np.int64)
+        uzoff = np.ascontiguousarray(ob.uzoff, dtype=np.int64)
+        uz = np.ascontiguousarray(ob.uz, dtype=np.float64)
+        xy = np.ascontiguousarray(ob.xy, dtype=np.float64)
+        n, nu = len(z1), len(uk)
+        zw = int(uk.sum())
+        if (optr.shape != (m1 + 1,) or optr[0] != 0 or optr[-1] != n
+                or np.any(np.diff(optr) < 0) or z1.shape != (n, k1)
+                or upos.shape != (n, nu) or uprow.shape != (n, nu) or nu == 0
+                or uzoff.shape != (nu,) or np.any(uk < 1)
+                or not np.array_equal(uzoff, np.concatenate([[0], np.cumsum(uk)[:-1]]))
+                or uz.shape != (n, zw) or xy.shape != (n, nxy)):
+            raise ValueError("observation form does not match the model's shapes")
+        rk = np.asarray(self.rk)
+        if n and (np.any(upos < 0) or np.any(upos + uk > nz)
+                  or not np.array_equal(rk[upos], np.broadcast_to(uk, upos.shape))):
+            raise ValueError("observation form: a unit's rows are not one level of a term")
+        ip = np.asarray(self.indptr)
+        rows = np.asarray(self.rows)
+        nr = np.diff(ip)
+        tail = rows[(ip[1:, None] - nxy + np.arange(nxy)).clip(0, max(len(rows) - 1, 0))] \
+            if len(rows) else np.zeros((m1, nxy), dtype=np.int64)
+        if np.any(nr < nxy) or not np.array_equal(
+                tail, np.broadcast_to(nz + np.arange(nxy), tail.shape)):
+            raise ValueError("every panel must end with the X/y rows of the dense block")
+        lev = np.repeat(np.arange(m1), np.diff(optr))[:, None]
+        last = uprow + uk - 1
+        if n and (np.any(uprow < 0) or np.any(last >= (nr - nxy)[lev])
+                  or not np.array_equal(rows[ip[lev] + uprow], upos)
+                  or not np.array_equal(rows[ip[lev] + last], upos + uk - 1)):
+            raise ValueError("observation form: a unit's panel rows do not match the panel")
+        # where the units' Λ_t' z go in s: a permutation of the n × zw places, each unit's
+        # k_t rows in one piece
+        soff = np.ascontiguousarray(ob.soff, dtype=np.int64)
+        if soff.shape != (n, nu):
+            raise ValueError("observation form does not match the model's shapes")
+        cover = np.zeros(n * zw + 1, dtype=np.int64)
+        if n:
+            ends = soff + uk
+            if np.any(soff < 0) or np.any(ends > n * zw):
+                raise ValueError("observation form: a unit's place in s is out of range")
+            np.add.at(cover, soff.ravel(), 1)
+            np.add.at(cover, ends.ravel(), -1)
+        if np.any(np.cumsum(cover)[:n * zw] != 1):
+            raise ValueError("observation form: the units' places in s overlap")
+        # the levels' Gram matrices
+        nobs = np.diff(optr)
+        mbase = np.ascontiguousarray(ob.mbase, dtype=np.int64)
+        if mbase.shape != (m1 + 1,) or not np.array_equal(
+                mbase, np.concatenate([[0], np.cumsum(nobs * nobs)])):
+            raise ValueError("observation form: the Gram matrices' places do not match the levels")
+        # the random-effects blocks: their places, and each pair's Gram entry and units
+        bptr = np.ascontiguousarray(ob.bptr, dtype=np.int64)
+        bpos = np.ascontiguousarray(ob.bpos, dtype=np.int64)
+        pair = np.ascontiguousarray(ob.pair, dtype=np.int64)
+        nblk = len(bpos)
+        if (bptr.shape != (nblk + 1,) or bpos.shape != (nblk, 2) or pair.ndim != 2
+                or pair.shape[1] != 3 or bptr[0] != 0 or bptr[-1] != len(pair)
+                or np.any(np.diff(bptr) < 0)):
+            raise ValueError("observation form: the blocks do not match their pairs")
+        if len(pair) and (np.any(pair[:, 0] < 0) or np.any(pair[:, 0] >= mbase[-1])):
+            raise ValueError("observation form: a pair's Gram entry is out of range")
+        if len(pair):               # ... and in its level's lower triangle (all that is formed)
+            lev_p = np.searchsorted(mbase, pair[:, 0], side="right") - 1
+            local = pair[:, 0] - mbase[lev_p]
+            if np.any(local % nobs[lev_p] > local // nobs[lev_p]):
+                raise ValueError("observation form: a pair's Gram entry is above the diagonal")
+        # each pair's units: the unit whose place in s is given, at the block's row/column
+        unit_at = np.full(n * zw + 1, -1, dtype=np.int64)
+        unit_at[soff.ravel()] = np.arange(n * nu)
+        blk_of = np.repeat(np.arange(nblk), np.diff(bptr))
+        for side in (0, 1):
+            off = pair[:, 1 + side]
+            ok = (off >= 0) & (off < n * zw)
+            inst = unit_at[np.where(ok, off, n * zw)]
+            if len(pair) and (not ok.all() or np.any(inst < 0) or not np.array_equal(
+                    upos.ravel()[inst], bpos[blk_of, side])):
+                raise ValueError("observation form: a pair's unit is not at its block")
+        if nblk and np.any(bpos[:, 0] < bpos[:, 1]):
+            raise ValueError("observation form: a block above the diagonal")
+        kmax = int(uk.max(initial=1))
+        nmax = int(nobs.max(initial=0))
+        s_ = np.zeros(max(n * zw, 1))
+        gram_ = np.zeros(max(int(mbase[-1]), 1))
+        # threads: the levels and blocks are shared among them where the work pays for
+        # waking them (see obsform.OBS_THREAD_MIN_WORK)
+        from lmmfast.obsform import OBS_THREAD_MIN_WORK, obs_cost
+        if obs_cost(nobs, k1, list(uk), nxy) >= OBS_THREAD_MIN_WORK:
+            self.nthreads = _n_threads()
+        stride = max(2 * k1 * k1 + k1 + 2 * nmax * k1 + nxy * nmax + nxy * D + kmax * kmax,
+                     kmax * kmax)
+        thr_ = np.zeros(stride * self.nthreads)
+        upos, uprow, z1, uz, xy, soff, bpos, pair = (
+            a.ravel() for a in (upos, uprow, z1, uz, xy, soff, bpos, pair))   # views
+        self.obs_arrays = (optr, z1, upos, uprow, uk, uzoff, uz, xy, soff, mbase, bptr,
+                           bpos, pair, s_, gram_, thr_)
+        cdef const cnp.int64_t[::1] optr_v = optr, upos_v = upos, uprow_v = uprow
+        cdef const cnp.int64_t[::1] uk_v = uk, uzoff_v = uzoff, soff_v = soff, mbase_v = mbase
+        cdef const cnp.int64_t[::1] bptr_v = bptr, bpos_v = bpos, pair_v = pair
+        cdef const double[::1] z1_v = z1, uz_v = uz, xy_v = xy
+        cdef double[::1] s_v = s_, gr_v = gram_, thr_v = thr_
+        self.obsf.n, self.obsf.nu, self.obsf.zw, self.obsf.nxy = n, nu, zw, nxy
+        self.obsf.optr = &optr_v[0]
+        self.obsf.z1 = &z1_v[0] if n * k1 else NULL
+        self.obsf.upos = &upos_v[0] if n else NULL
+        self.obsf.uprow = &uprow_v[0] if n else NULL
+        self.obsf.uk = &uk_v[0]
+        self.obsf.uzoff = &uzoff_v[0]
+        self.obsf.uz = &uz_v[0] if n else NULL
+        self.obsf.xy = &xy_v[0] if n else NULL
+        self.obsf.soff = &soff_v[0] if n else NULL
+        self.obsf.mbase = &mbase_v[0]
+        self.obsf.nblk = nblk
+        self.obsf.bptr = &bptr_v[0]
+        self.obsf.bpos = &bpos_v[0] if nblk else NULL
+        self.obsf.pair = &pair_v[0] if len(pair) else NULL
+        self.obsf.uk_at = &self.rk[0]
+        self.obsf.s, self.obsf.gram, self.obsf.thr = &s_v[0], &gr_v[0], &thr_v[0]
+        self.obsf.nmax, self.obsf.max_threads, self.obsf.thr_stride = nmax, self.nthreads, stride
 
     cdef int _threads(self) noexcept:
         """Threads for the next factorization: OpenMP's current limit (OMP_NUM_THREADS,
@@ -343,7 +482,8 @@ cdef class BlockedFactor:
             &self.rows32[0] if self.transposed else NULL, &self.accv[0], &self.wxyv[0],
             &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
             &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
-            nthreads, &self.rbufv[0], self.last_chol_threads, self.tile)
+            nthreads, &self.rbufv[0], self.last_chol_threads, self.tile,
+            &self.obsf if self.use_obs else NULL)
         if self.blas_single:
             blas_restore_threads(saved)
         return info

@@ -16,6 +16,7 @@ import numpy as np
 from . import _blockchol, _pls
 from ._remat import dense_crossprod, level_xy_sums, panel_batches
 from .fixed import xy_gram as xy_gram_of
+from .obsform import ObsData, obs_form_pays
 from .remat import weighted_counts
 
 # Models whose coupling [Z_rest X y]'Z1 fits in SMALL_COUPLING doubles held densely, and
@@ -49,10 +50,14 @@ class BlockedCrossprod:
         a D² rank-k update does.
     xy_gram : (p + 1, p + 1) array, optional
         [X y]'[X y] when already formed (:func:`lmmfast.fixed.xy_gram`).
+    obs : bool, optional
+        Factor term 1's levels from their observations (:mod:`lmmfast.obsform`: kept in
+        ``self.obs``; no batches, heavy levels or transposed pattern then).  Default:
+        where :func:`lmmfast.obsform.obs_form_pays`.
     """
 
     def __init__(self, terms, X, y, theta_offsets, transposed=None, heavy_rows=None,
-                 xy_gram=None):
+                 xy_gram=None, obs=None):
         t1, rest = terms[0], terms[1:]
         n, p = X.shape
         self.m1, self.k1 = t1.nlevels, t1.k
@@ -79,7 +84,15 @@ class BlockedCrossprod:
             self.A22 = self._dense_block(rest, offs, X, y, nz, D, xy_gram)
             self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, X, y, nz, D)
         self.batch = panel_batches(self.indptr, self.rows)
-        if heavy_rows is None and D * self.k1 < 256:     # too small for BLAS to pay
+        if obs is None:
+            obs = obs_form_pays(t1, rest, D, p + 1, self.indptr, self.batch)
+        elif obs and not rest:
+            raise ValueError("the observation form needs a second random-effects term")
+        self.obs = ObsData(t1, rest, offs, X, y, self.indptr, self.rows, D) if obs else None
+        if self.obs is not None:
+            self.heavy = np.zeros(0, dtype=np.int64)
+            transposed = False
+        elif heavy_rows is None and D * self.k1 < 256:     # too small for BLAS to pay
             self.heavy = np.zeros(0, dtype=np.int64)
         else:
             nr = np.diff(self.indptr)
@@ -225,7 +238,8 @@ class BlockedCrossprod:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.A11, self.A21, self.A22, self.rows, self.indptr))
+        return (sum(a.nbytes for a in (self.A11, self.A21, self.A22, self.rows, self.indptr))
+                + (self.obs.nbytes if self.obs is not None else 0))
 
 
 def _z(t):

@@ -1,0 +1,210 @@
+"""The coupling in observation form (``lmmfast/_obsform.pyx``, ``lmmfast/obsform.py``):
+the factor it gives against the dense numpy factor and against the panel path, on random
+crossed designs with vector-valued terms (replicated and missing cells, several later
+terms), on one and two threads; its cost rule; its validation."""
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+import lmmfast
+from lmmfast import obsform
+from lmmfast.errors import DataError
+from lmmfast.blocks import BlockedCrossprod
+from lmmfast.model import LinearMixedModel
+from lmmfast.pls import BlockedPLS, dense_lambda, dense_objective
+
+HSETTINGS = settings(max_examples=40, deadline=None, database=None)
+
+FORMULAS = [
+    "y ~ 1 + x1 + (1 + x1 + x2 | g1) + (1 + x1 | g2)",                  # k1 = 3, k = 2
+    "y ~ 1 + x1 * x2 + (1 + x1 * x2 | g1) + (1 + x1 * x2 | g2)",        # 4 and 4
+    "y ~ 1 + x1 + (1 | g1) + (1 + x1 | g2) + (1 | g3)",                 # scalar term 1, two later
+    "y ~ 1 + x1 + (1 + x1 | g1) + (0 + x2 | g2) + (1 + x1 + x2 | g3)",  # 2, then 1 and 3
+    "y ~ 1 + a*b*c + (1 + a*b*c | g1) + (1 + a*b*c | g2)",              # 8 and 8 (kb07's widths)
+]
+
+
+def crossed_frame(seed, n1, n2, n3, reps, drop):
+    """Every g1 × g2 cell ``reps`` times, a fraction ``drop`` of the rows removed; g3
+    random; continuous x1, x2 and ±0.5 factors a, b, c."""
+    rng = np.random.default_rng(seed)
+    g1, g2 = np.meshgrid(np.arange(n1), np.arange(n2), indexing="ij")
+    g1 = np.repeat(g1.ravel(), reps)
+    g2 = np.repeat(g2.ravel(), reps)
+    keep = rng.random(len(g1)) >= drop
+    keep[rng.integers(len(g1))] = True
+    g1, g2 = g1[keep], g2[keep]
+    n = len(g1)
+    df = pd.DataFrame({
+        "g1": [f"s{i}" for i in g1], "g2": [f"i{i}" for i in g2],
+        "g3": [f"c{i}" for i in rng.integers(0, n3, n)],
+        "x1": rng.normal(size=n), "x2": rng.normal(size=n),
+        "a": rng.choice([-0.5, 0.5], n), "b": rng.choice([-0.5, 0.5], n),
+        "c": rng.choice([-0.5, 0.5], n)})
+    df["y"] = rng.normal(size=n) + 0.3 * df["x1"] + rng.normal(size=n1)[g1] \
+        + rng.normal(size=n2)[g2]
+    return df
+
+
+def both_paths(model, **kw):
+    args = (model.terms, model.X, model.y, model.theta_offsets)
+    return BlockedPLS(BlockedCrossprod(*args, obs=False)), \
+        BlockedPLS(BlockedCrossprod(*args, obs=True, **kw))
+
+
+def random_theta(model, rng):
+    th = rng.normal(scale=0.6, size=model.ntheta)
+    low = np.isfinite(model.theta_lower)
+    th[low] = np.abs(th[low]) + 0.05
+    return th
+
+
+@HSETTINGS
+@given(st.integers(0, 2 ** 31), st.integers(3, 9), st.integers(3, 7), st.integers(1, 3),
+       st.sampled_from([0.0, 0.3]), st.sampled_from(range(len(FORMULAS))), st.booleans())
+def test_obs_form_gives_the_dense_factor(seed, n1, n2, reps, drop, which, reml):
+    k = 8 if which == 4 else 3            # widest term: enough rows for its levels
+    df = crossed_frame(seed, n1 + k, n2 + k, 3, reps + (which == 4), drop)
+    try:
+        model = LinearMixedModel(FORMULAS[which], df, REML=reml, method="blocked")
+    except DataError:           # more random effects than observations in a term
+        assume(False)
+    assert len(model.terms) >= 2
+    panel, obs = both_paths(model)
+    assert obs.xp.obs is not None and panel.xp.obs is None
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        theta = random_theta(model, rng)
+        fa, fb = panel.objective(theta, reml), obs.objective(theta, reml)
+        np.testing.assert_allclose(obs.L11, panel.L11, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(obs.L21, panel.L21, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(np.tril(obs.L22), np.tril(panel.L22), rtol=1e-9, atol=1e-9)
+        Z = np.column_stack([t.Z().toarray() for t in model.terms])
+        Lam = dense_lambda(model.terms, theta, model.theta_offsets)
+        want = dense_objective(Z, model.X, model.y, Lam, reml)
+        assert fb == pytest.approx(want, rel=1e-9, abs=1e-8)
+        assert fb == pytest.approx(fa, rel=1e-11, abs=1e-9)
+
+
+@pytest.mark.parametrize("which", [0, 1, 4])
+def test_baseline_vector_copies_equal_the_avx2_ones(which):
+    """The kernels' baseline copies (vectors of two doubles; what a CPU without AVX2 runs)
+    give the same factor as the AVX2 ones, and the dense objective."""
+    from lmmfast import _obsform
+
+    df = crossed_frame(8, 14, 11, 3, 2, 0.2)
+    model = LinearMixedModel(FORMULAS[which], df, REML=False, method="blocked")
+    theta = random_theta(model, np.random.default_rng(2))
+    _, obs = both_paths(model)
+    try:
+        _obsform._vector_copies(False)
+        f0 = obs.objective(theta, False)
+        L21, L22 = obs.L21.copy(), np.tril(obs.L22)
+    finally:
+        _obsform._vector_copies(True)
+    f1 = obs.objective(theta, False)
+    np.testing.assert_allclose(L21, obs.L21, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(L22, np.tril(obs.L22), rtol=1e-10, atol=1e-10)
+    Z = np.column_stack([t.Z().toarray() for t in model.terms])
+    Lam = dense_lambda(model.terms, theta, model.theta_offsets)
+    assert f0 == pytest.approx(dense_objective(Z, model.X, model.y, Lam, False), rel=1e-9)
+    assert f0 == pytest.approx(f1, rel=1e-12)
+
+
+@pytest.mark.parametrize("which", [1, 2, 4])
+def test_obs_form_on_two_threads_equals_one(monkeypatch, which):
+    """Levels and blocks shared among two threads (forced on for a small model): the same
+    factor as on one, and as the panels'."""
+    df = crossed_frame(3, 12, 9, 3, 1, 0.1)
+    model = LinearMixedModel(FORMULAS[which], df, REML=True, method="blocked")
+    theta = random_theta(model, np.random.default_rng(1))
+    panel, one = both_paths(model)
+    assert one._f.nthreads == 1
+    monkeypatch.setattr(obsform, "OBS_THREAD_MIN_WORK", 0)
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", "2")
+    _, two = both_paths(model)
+    assert two._f.nthreads == 2
+    f1, f2, fp = one.objective(theta, True), two.objective(theta, True), panel.objective(theta, True)
+    np.testing.assert_allclose(two.L21, one.L21, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(np.tril(two.L22), np.tril(one.L22), rtol=1e-11, atol=1e-11)
+    assert f2 == pytest.approx(f1, rel=1e-12) and f2 == pytest.approx(fp, rel=1e-11)
+
+
+def test_gradient_and_fit_through_the_obs_form():
+    """The gradient reads the panels the observation form writes: equal to the panel
+    path's; a whole kb07-like fit chooses the form by itself and reaches the panel path's
+    objective."""
+    from lmmfast.gradient import blocked_gradient
+
+    df, truth = lmmfast.simulate.kb07_like(nsubj=20, nitem=16, seed=2)
+    model = LinearMixedModel(truth["formula"], df, REML=True)
+    assert model.pls.xp.obs is not None                 # chosen by cost
+    panel, obs = both_paths(model)
+    theta = random_theta(model, np.random.default_rng(4))
+    panel.objective(theta, True)
+    obs.objective(theta, True)
+    np.testing.assert_allclose(blocked_gradient(obs, True), blocked_gradient(panel, True),
+                               rtol=1e-8, atol=1e-8)
+    fit = model.fit()
+    other = LinearMixedModel(truth["formula"], df, REML=True)
+    other.pls = panel
+    ref = other.fit()
+    assert fit.objective == pytest.approx(ref.objective, abs=1e-6)
+
+
+def test_cost_rule_takes_the_obs_form_only_where_it_pays():
+    kb, truth = lmmfast.simulate.kb07_like(nsubj=56, nitem=32, seed=1)
+    assert LinearMixedModel(truth["formula"], kb, REML=True).pls.xp.obs is not None
+    sleep = lmmfast.datasets.load("sleepstudy")
+    assert LinearMixedModel("Reaction ~ Days + (Days | Subject)", sleep).pls.xp.obs is None
+    pen = lmmfast.datasets.load("penicillin")
+    assert LinearMixedModel("diameter ~ 1 + (1 | plate) + (1 | sample)", pen).pls.xp.obs is None
+    # scalar crossed terms with many observations per level: the panels
+    df = crossed_frame(0, 40, 30, 3, 4, 0.0)
+    m = LinearMixedModel("y ~ 1 + x1 + (1 | g1) + (1 | g2)", df, method="blocked")
+    assert m.pls.xp.obs is None
+
+
+def test_obs_form_is_validated_against_the_panels():
+    df = crossed_frame(5, 8, 6, 3, 1, 0.0)
+    model = LinearMixedModel(FORMULAS[0], df, method="blocked")
+    args = (model.terms, model.X, model.y, model.theta_offsets)
+    with pytest.raises(ValueError, match="second random-effects term"):
+        BlockedCrossprod(model.terms[:1], model.X, model.y, model.theta_offsets[:1], obs=True)
+
+    def spoiled(field, change):
+        xp = BlockedCrossprod(*args, obs=True)
+        a = getattr(xp.obs, field).copy()
+        change(a)
+        setattr(xp.obs, field, a)
+        return xp
+
+    cases = [("uprow", lambda a: a.__setitem__((0, 0), a[0, 0] + 1), "panel rows"),
+             ("upos", lambda a: a.__setitem__((0, 0), 10 ** 6), "one level of a term"),
+             ("soff", lambda a: a.__setitem__((0, 0), a[1, 0]), "overlap|range"),
+             ("pair", lambda a: a.__setitem__((0, 0), 10 ** 9), "Gram entry"),
+             ("pair", lambda a: a.__setitem__((0, 1), a[-1, 1]), "not at its block"),
+             ("optr", lambda a: a.__setitem__(-1, a[-1] - 1), "shapes"),
+             ("mbase", lambda a: a.__setitem__(1, a[1] + 1), "Gram matrices"),
+             ("pair", lambda a: a.__setitem__((0, 0), 1), "above the diagonal")]
+    for field, change, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            BlockedPLS(spoiled(field, change))
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_theta_the_factor_cannot_take_gives_inf(monkeypatch, threads):
+    """NaN in term 1's T: its diagonal blocks fail, on one thread and on two, and the
+    objective is +inf (as on the panel path)."""
+    monkeypatch.setattr(obsform, "OBS_THREAD_MIN_WORK", 0)
+    monkeypatch.setenv("LMMFAST_NUM_THREADS", threads)
+    df = crossed_frame(2, 10, 8, 3, 1, 0.0)
+    model = LinearMixedModel(FORMULAS[1], df, method="blocked")
+    panel, obs = both_paths(model)
+    assert obs._f.nthreads == int(threads)
+    theta = random_theta(model, np.random.default_rng(0))
+    theta[0] = np.nan
+    assert obs.objective(theta, False) == np.inf == panel.objective(theta, False)
+    theta[0] = 0.7                       # and it recovers
+    assert obs.objective(theta, False) == pytest.approx(panel.objective(theta, False), rel=1e-11)
