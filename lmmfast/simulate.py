@@ -55,8 +55,10 @@ def kb07_like(seed: int = 42, nsubj: int = 56, nitem: int = 32):
     S_subj = cov(np.array([300.0, 60.0, 60.0, 40.0, 30.0, 30.0, 20.0, 20.0]), 0.2)
     S_item = cov(np.array([370.0, 70.0, 100.0, 30.0, 40.0, 30.0, 20.0, 20.0]), 0.1)
     sigma = 670.0
-    bs = rng.multivariate_normal(np.zeros(8), S_subj, size=nsubj)
-    bi = rng.multivariate_normal(np.zeros(8), S_item, size=nitem)
+    # Cholesky factors (unique): numpy's default SVD draws differ with the LAPACK
+    # (signs of singular vectors), so the same seed gave other data on other machines
+    bs = rng.multivariate_normal(np.zeros(8), S_subj, size=nsubj, method="cholesky")
+    bi = rng.multivariate_normal(np.zeros(8), S_item, size=nitem, method="cholesky")
     y = Xf @ beta + np.einsum("rk,rk->r", Xf, bs[subj]) + np.einsum("rk,rk->r", Xf, bi[item])
     y += rng.normal(scale=sigma, size=len(y))
     df = pd.DataFrame({"subj": [f"S{s:03d}" for s in subj], "item": [f"I{i:03d}" for i in item],
@@ -83,7 +85,7 @@ def crossed(n: int, n1: int, n2: int, slope: bool = True, seed: int = 1, s: floa
     sd1, sd2, sdv, rho, sigma = 0.6, 0.8, 0.3, 0.3, 1.0
     u1 = rng.normal(scale=sd1, size=n1)
     S2 = np.array([[sd2 ** 2, rho * sd2 * sdv], [rho * sd2 * sdv, sdv ** 2]])
-    u2 = rng.multivariate_normal(np.zeros(2), S2, size=n2)
+    u2 = rng.multivariate_normal(np.zeros(2), S2, size=n2, method="cholesky")   # see kb07_like
     y = 1.0 + 0.5 * x + u1[g1] + u2[g2, 0] + rng.normal(scale=sigma, size=n)
     if slope:
         y += u2[g2, 1] * x
