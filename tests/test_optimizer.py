@@ -162,7 +162,8 @@ def test_kb07_lbfgs_information_scale_reaches_the_unscaled_optimum(monkeypatch):
     The full size on purpose: on 192 rows these singular fits have several local optima
     0.1-3 apart, and which one a descent ends in changes with the BLAS's rounding (this
     test's earlier small model passed on one machine and failed on another); at 1,792
-    rows the scaled, unscaled and lme4-start descents agree on every seed tried."""
+    rows the scaled and lme4-start descents agree on the 6 seeds tried, the unscaled one
+    on 5 (on the sixth it stops 0.15 higher)."""
     import lmmfast
     from lmmfast.model import LinearMixedModel
 
