@@ -31,10 +31,9 @@ from scipy.linalg.cython_lapack cimport dpotrf
 from scipy.linalg.cython_blas cimport dgemm, dsyrk
 from lmmfast._chol cimport potrf_tiled, syrk_tiled
 from lmmfast._obsform cimport ObsForm, obs_update
-from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, chol_small, cols_mul, dot4,
-                             downdate, lam_dense_groups, lam_rows, max_panel, right_factor,
-                             PREFETCH_AHEAD, prefetch_panel, rows_times, rows_tmul,
-                             symmetrize_tiles)
+from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, dot4, downdate,
+                             lam_dense_groups, lam_rows, level_factor, max_panel,
+                             PREFETCH_AHEAD, prefetch_panel, rows_times, symmetrize_tiles)
 
 cnp.import_array()
 
@@ -291,19 +290,12 @@ cdef int update_blocked_core(
                         v[2 * t] *= s
                         v[2 * t + 1] *= s
             else:
-                # ---- L11[j] = chol(T1' A11[j] T1 + I)
-                blk = L11 + j * k1 * k1
-                for a in range(k1 * k1):
-                    blk[a] = A11[j * k1 * k1 + a]
-                rows_tmul(blk, k1, k1, T1, k1)
-                cols_mul(blk, k1, k1, T1, k1)
-                for a in range(k1):
-                    blk[a * k1 + a] += 1.0
-                if chol_small(blk, k1) != 0:
+                # ---- L11[j] = chol(T1' A11[j] T1 + I) and R = T1 L11[j]^{-T} (in rbuf);
+                # the L21 panel: Λr' (A21_j R) (the row operations and the product with
+                # R commute)
+                if level_factor(A11 + j * k1 * k1, T1, k1, L11 + j * k1 * k1, rbuf,
+                                rbuf + k1 * k1) != 0:
                     return -1
-                # ---- L21 panel: Λr' (A21_j R), R = T1 L11[j]^{-T} (the row operations
-                # and the product with R commute)
-                right_factor(T1, blk, k1, rbuf, rbuf + k1 * k1)
                 if nr * k1 * k1 >= PANEL_GEMM_MIN:
                     # row-major V = A R is column-major V' = R' A': one dgemm, no copy
                     n_i = <int>nr

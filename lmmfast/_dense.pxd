@@ -263,6 +263,24 @@ cdef inline void right_factor(const double* T, const double* L, Py_ssize_t k, do
             R[a * k + b] = s
 
 
+cdef inline int level_factor(const double* A, const double* T1, Py_ssize_t k1, double* blk,
+                             double* R, double* Li) noexcept nogil:
+    """One level of term 1: blk <- chol(T1' A T1 + I) (A its k1×k1 block of A11), and
+    R <- T1 blk^{-T}, the factor its panel is multiplied by (Li: k1² scratch); 0, or -1
+    when the block is not positive definite."""
+    cdef Py_ssize_t a
+    for a in range(k1 * k1):
+        blk[a] = A[a]
+    rows_tmul(blk, k1, k1, T1, k1)
+    cols_mul(blk, k1, k1, T1, k1)
+    for a in range(k1):
+        blk[a * k1 + a] += 1.0
+    if chol_small(blk, k1) != 0:
+        return -1
+    right_factor(T1, blk, k1, R, Li)
+    return 0
+
+
 cdef inline void rows_times(double* v, Py_ssize_t nr, Py_ssize_t k, const double* R,
                             double* tmp) noexcept nogil:
     """Each row of the row-major nr×k V <- row · R (R row-major k×k; tmp: k scratch)."""

@@ -21,7 +21,7 @@ panel path gives; ``blocks.BlockedCrossprod`` chooses the form by predicted cost
 """
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange, threadid
-from lmmfast._dense cimport chol_small, cols_mul, right_factor, rows_tmul
+from lmmfast._dense cimport level_factor
 
 cnp.import_array()
 
@@ -321,22 +321,14 @@ cdef int level_part(Py_ssize_t j, const double* A11, Py_ssize_t k1, const double
     """Level j of term 1 (see :func:`obs_update`): L11_j, G_j, its Gram matrix, the panel
     and the X/y rows' share, subtracted into ``scratch``'s (nxy × D) X/y rows (each thread
     its own: levels run in parallel).  0, or -1 when L11_j fails."""
-    cdef Py_ssize_t nu = ob.nu, nxy = ob.nxy, a, o0
+    cdef Py_ssize_t nu = ob.nu, nxy = ob.nxy, o0
     cdef double* rb = scratch
     cdef double* g = rb + 2 * k1 * k1 + k1
     cdef double* wt = g + 2 * ob.nmax * k1
     cdef double* xyacc = wt + nxy * ob.nmax
-    cdef double* blk = L11 + j * k1 * k1
     # ---- L11[j] = chol(T1' A11[j] T1 + I); R = T1 L11[j]^{-T} (in rb)
-    for a in range(k1 * k1):
-        blk[a] = A11[j * k1 * k1 + a]
-    rows_tmul(blk, k1, k1, T1, k1)
-    cols_mul(blk, k1, k1, T1, k1)
-    for a in range(k1):
-        blk[a * k1 + a] += 1.0
-    if chol_small(blk, k1) != 0:
+    if level_factor(A11 + j * k1 * k1, T1, k1, L11 + j * k1 * k1, rb, rb + k1 * k1) != 0:
         return -1
-    right_factor(T1, blk, k1, rb, rb + k1 * k1)
     o0 = ob.optr[j]
     level_kernel(ob.z1 + o0 * k1, rb, ob.optr[j + 1] - o0, k1, g, g + ob.nmax * k1,
                  ob.gram + ob.mbase[j], L21 + indptr[j] * k1, indptr[j + 1] - indptr[j],
