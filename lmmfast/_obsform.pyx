@@ -378,7 +378,6 @@ cdef int obs_update(const double* A11, Py_ssize_t m1, Py_ssize_t k1, const doubl
     are listed, and its lower triangle is taken)."""
     cdef Py_ssize_t nxy = ob.nxy, j, a, c, t, bk
     cdef int nt = max(1, min(nthreads, ob.max_threads)), bad = 0
-    cdef double* scratch
     cdef double* xyacc
     cdef Py_ssize_t off_xy = 2 * k1 * k1 + k1 + 2 * ob.nmax * k1 + nxy * ob.nmax
     cdef Py_ssize_t off_acc = off_xy + nxy * D      # a block's accumulator (threads)

@@ -301,103 +301,27 @@ cdef class BlockedFactor:
             self.fixed_threads = (self.nthreads > 1 or self.chol_threads > 1) and request is not None
 
     def _set_obs(self, ob):
-        """Validate the observation form (``obsform.ObsData``) against the panels, once,
-        and point the kernel's struct at it (and at its scratch)."""
+        """Point the kernel's struct at the observation form (``obsform.ObsData``,
+        validated against the panels once by :func:`lmmfast.obsform.checked_arrays`) and
+        at its scratch."""
         if self.transposed or self.nheavy:
             raise ValueError("the observation form excludes heavy levels and the transposed pattern")
-        D, nz, m1, k1 = self.D, self.nz, self.m1, self.k1
+        from lmmfast.obsform import OBS_THREAD_MIN_WORK, checked_arrays, obs_cost
+        D, nz, k1 = self.D, self.nz, self.k1
         nxy = D - nz
-        optr = np.ascontiguousarray(ob.optr, dtype=np.int64)
-        z1 = np.ascontiguousarray(ob.z1, dtype=np.float64)
-        upos = np.ascontiguousarray(ob.upos, dtype=np.int64)
-        uprow = np.ascontiguousarray(ob.uprow, dtype=np.int64)
-        uk = np.ascontiguousarray(ob.uk, dtype=np.int64)
-        uzoff = np.ascontiguousarray(ob.uzoff, dtype=np.int64)
-        uz = np.ascontiguousarray(ob.uz, dtype=np.float64)
-        xy = np.ascontiguousarray(ob.xy, dtype=np.float64)
-        n, nu = len(z1), len(uk)
-        zw = int(uk.sum())
-        if (optr.shape != (m1 + 1,) or optr[0] != 0 or optr[-1] != n
-                or np.any(np.diff(optr) < 0) or z1.shape != (n, k1)
-                or upos.shape != (n, nu) or uprow.shape != (n, nu) or nu == 0
-                or uzoff.shape != (nu,) or np.any(uk < 1)
-                or not np.array_equal(uzoff, np.concatenate([[0], np.cumsum(uk)[:-1]]))
-                or uz.shape != (n, zw) or xy.shape != (n, nxy)):
-            raise ValueError("observation form does not match the model's shapes")
-        rk = np.asarray(self.rk)
-        if n and (np.any(upos < 0) or np.any(upos + uk > nz)
-                  or not np.array_equal(rk[upos], np.broadcast_to(uk, upos.shape))):
-            raise ValueError("observation form: a unit's rows are not one level of a term")
-        ip = np.asarray(self.indptr)
-        rows = np.asarray(self.rows)
-        nr = np.diff(ip)
-        tail = rows[(ip[1:, None] - nxy + np.arange(nxy)).clip(0, max(len(rows) - 1, 0))] \
-            if len(rows) else np.zeros((m1, nxy), dtype=np.int64)
-        if np.any(nr < nxy) or not np.array_equal(
-                tail, np.broadcast_to(nz + np.arange(nxy), tail.shape)):
-            raise ValueError("every panel must end with the X/y rows of the dense block")
-        lev = np.repeat(np.arange(m1), np.diff(optr))[:, None]
-        last = uprow + uk - 1
-        if n and (np.any(uprow < 0) or np.any(last >= (nr - nxy)[lev])
-                  or not np.array_equal(rows[ip[lev] + uprow], upos)
-                  or not np.array_equal(rows[ip[lev] + last], upos + uk - 1)):
-            raise ValueError("observation form: a unit's panel rows do not match the panel")
-        # where the units' Λ_t' z go in s: a permutation of the n × zw places, each unit's
-        # k_t rows in one piece
-        soff = np.ascontiguousarray(ob.soff, dtype=np.int64)
-        if soff.shape != (n, nu):
-            raise ValueError("observation form does not match the model's shapes")
-        cover = np.zeros(n * zw + 1, dtype=np.int64)
-        if n:
-            ends = soff + uk
-            if np.any(soff < 0) or np.any(ends > n * zw):
-                raise ValueError("observation form: a unit's place in s is out of range")
-            np.add.at(cover, soff.ravel(), 1)
-            np.add.at(cover, ends.ravel(), -1)
-        if np.any(np.cumsum(cover)[:n * zw] != 1):
-            raise ValueError("observation form: the units' places in s overlap")
-        # the levels' Gram matrices
+        c = checked_arrays(ob, np.asarray(self.indptr), np.asarray(self.rows),
+                           np.asarray(self.rk), nz, D, k1)
+        optr, z1, upos, uprow, uk, uzoff, uz, xy, soff, mbase, bptr, bpos, pair = (
+            c[k] for k in ("optr", "z1", "upos", "uprow", "uk", "uzoff", "uz", "xy", "soff",
+                           "mbase", "bptr", "bpos", "pair"))
+        n, nu, zw, nblk = len(z1), len(uk), int(uk.sum()), len(bpos)
         nobs = np.diff(optr)
-        mbase = np.ascontiguousarray(ob.mbase, dtype=np.int64)
-        if mbase.shape != (m1 + 1,) or not np.array_equal(
-                mbase, np.concatenate([[0], np.cumsum(nobs * nobs)])):
-            raise ValueError("observation form: the Gram matrices' places do not match the levels")
-        # the random-effects blocks: their places, and each pair's Gram entry and units
-        bptr = np.ascontiguousarray(ob.bptr, dtype=np.int64)
-        bpos = np.ascontiguousarray(ob.bpos, dtype=np.int64)
-        pair = np.ascontiguousarray(ob.pair, dtype=np.int64)
-        nblk = len(bpos)
-        if (bptr.shape != (nblk + 1,) or bpos.shape != (nblk, 2) or pair.ndim != 2
-                or pair.shape[1] != 3 or bptr[0] != 0 or bptr[-1] != len(pair)
-                or np.any(np.diff(bptr) < 0)):
-            raise ValueError("observation form: the blocks do not match their pairs")
-        if len(pair) and (np.any(pair[:, 0] < 0) or np.any(pair[:, 0] >= mbase[-1])):
-            raise ValueError("observation form: a pair's Gram entry is out of range")
-        if len(pair):               # ... and in its level's lower triangle (all that is formed)
-            lev_p = np.searchsorted(mbase, pair[:, 0], side="right") - 1
-            local = pair[:, 0] - mbase[lev_p]
-            if np.any(local % nobs[lev_p] > local // nobs[lev_p]):
-                raise ValueError("observation form: a pair's Gram entry is above the diagonal")
-        # each pair's units: the unit whose place in s is given, at the block's row/column
-        unit_at = np.full(n * zw + 1, -1, dtype=np.int64)
-        unit_at[soff.ravel()] = np.arange(n * nu)
-        blk_of = np.repeat(np.arange(nblk), np.diff(bptr))
-        for side in (0, 1):
-            off = pair[:, 1 + side]
-            ok = (off >= 0) & (off < n * zw)
-            inst = unit_at[np.where(ok, off, n * zw)]
-            if len(pair) and (not ok.all() or np.any(inst < 0) or not np.array_equal(
-                    upos.ravel()[inst], bpos[blk_of, side])):
-                raise ValueError("observation form: a pair's unit is not at its block")
-        if nblk and np.any(bpos[:, 0] < bpos[:, 1]):
-            raise ValueError("observation form: a block above the diagonal")
         kmax = int(uk.max(initial=1))
         nmax = int(nobs.max(initial=0))
         s_ = np.zeros(max(n * zw, 1))
         gram_ = np.zeros(max(int(mbase[-1]), 1))
         # threads: the levels and blocks are shared among them where the work pays for
         # waking them (see obsform.OBS_THREAD_MIN_WORK)
-        from lmmfast.obsform import OBS_THREAD_MIN_WORK, obs_cost
         if obs_cost(nobs, k1, list(uk), nxy) >= OBS_THREAD_MIN_WORK:
             self.nthreads = _n_threads()
         stride = max(2 * k1 * k1 + k1 + 2 * nmax * k1 + nxy * nmax + nxy * D + kmax * kmax,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ObsData", "obs_form_pays", "panel_cost", "obs_cost"]
+__all__ = ["ObsData", "obs_form_pays", "panel_cost", "obs_cost", "checked_arrays"]
 
 # The observation form is taken where it is predicted at least this many times cheaper:
 # its multiply-adds run in small loops, the panel path's in BLAS's dsyrk, several times
@@ -177,3 +177,99 @@ class ObsData:
         return sum(a.nbytes for a in (self.optr, self.z1, self.upos, self.uprow, self.uz,
                                       self.xy, self.soff, self.mbase, self.bptr, self.bpos,
                                       self.pair))
+
+
+def checked_arrays(ob, indptr, rows, rk, nz: int, D: int, k1: int) -> dict:
+    """The arrays of ``ob`` (:class:`ObsData`) as the kernel reads them (contiguous, int64
+    or float64), checked against the panels (``indptr``, ``rows``), the dense block's
+    units (``rk``: k at each level's first row, 1 for a scalar row) and its sizes: every
+    index the kernel follows stays inside its array, every unit is one level of one term
+    and sits where its panel has it, the units' places in the scratch do not overlap, and
+    every pair's Gram entry lies in its level's lower triangle.  Raises ValueError
+    naming the first mismatch."""
+    m1 = len(indptr) - 1
+    nxy = D - nz
+    optr = np.ascontiguousarray(ob.optr, dtype=np.int64)
+    z1 = np.ascontiguousarray(ob.z1, dtype=np.float64)
+    upos = np.ascontiguousarray(ob.upos, dtype=np.int64)
+    uprow = np.ascontiguousarray(ob.uprow, dtype=np.int64)
+    uk = np.ascontiguousarray(ob.uk, dtype=np.int64)
+    uzoff = np.ascontiguousarray(ob.uzoff, dtype=np.int64)
+    uz = np.ascontiguousarray(ob.uz, dtype=np.float64)
+    xy = np.ascontiguousarray(ob.xy, dtype=np.float64)
+    n, nu = len(z1), len(uk)
+    zw = int(uk.sum())
+    if (optr.shape != (m1 + 1,) or optr[0] != 0 or optr[-1] != n
+            or np.any(np.diff(optr) < 0) or z1.shape != (n, k1)
+            or upos.shape != (n, nu) or uprow.shape != (n, nu) or nu == 0
+            or uzoff.shape != (nu,) or np.any(uk < 1)
+            or not np.array_equal(uzoff, np.concatenate([[0], np.cumsum(uk)[:-1]]))
+            or uz.shape != (n, zw) or xy.shape != (n, nxy)):
+        raise ValueError("observation form does not match the model's shapes")
+    if n and (np.any(upos < 0) or np.any(upos + uk > nz)
+              or not np.array_equal(rk[upos], np.broadcast_to(uk, upos.shape))):
+        raise ValueError("observation form: a unit's rows are not one level of a term")
+    ip = indptr
+    nr = np.diff(ip)
+    tail = rows[(ip[1:, None] - nxy + np.arange(nxy)).clip(0, max(len(rows) - 1, 0))] \
+        if len(rows) else np.zeros((m1, nxy), dtype=np.int64)
+    if np.any(nr < nxy) or not np.array_equal(
+            tail, np.broadcast_to(nz + np.arange(nxy), tail.shape)):
+        raise ValueError("every panel must end with the X/y rows of the dense block")
+    lev = np.repeat(np.arange(m1), np.diff(optr))[:, None]
+    last = uprow + uk - 1
+    if n and (np.any(uprow < 0) or np.any(last >= (nr - nxy)[lev])
+              or not np.array_equal(rows[ip[lev] + uprow], upos)
+              or not np.array_equal(rows[ip[lev] + last], upos + uk - 1)):
+        raise ValueError("observation form: a unit's panel rows do not match the panel")
+    # where the units' Λ_t' z go in s: a permutation of the n × zw places, each unit's
+    # k_t rows in one piece
+    soff = np.ascontiguousarray(ob.soff, dtype=np.int64)
+    if soff.shape != (n, nu):
+        raise ValueError("observation form does not match the model's shapes")
+    cover = np.zeros(n * zw + 1, dtype=np.int64)
+    if n:
+        ends = soff + uk
+        if np.any(soff < 0) or np.any(ends > n * zw):
+            raise ValueError("observation form: a unit's place in s is out of range")
+        np.add.at(cover, soff.ravel(), 1)
+        np.add.at(cover, ends.ravel(), -1)
+    if np.any(np.cumsum(cover)[:n * zw] != 1):
+        raise ValueError("observation form: the units' places in s overlap")
+    # the levels' Gram matrices
+    nobs = np.diff(optr)
+    mbase = np.ascontiguousarray(ob.mbase, dtype=np.int64)
+    if mbase.shape != (m1 + 1,) or not np.array_equal(
+            mbase, np.concatenate([[0], np.cumsum(nobs * nobs)])):
+        raise ValueError("observation form: the Gram matrices' places do not match the levels")
+    # the random-effects blocks: their places, and each pair's Gram entry and units
+    bptr = np.ascontiguousarray(ob.bptr, dtype=np.int64)
+    bpos = np.ascontiguousarray(ob.bpos, dtype=np.int64)
+    pair = np.ascontiguousarray(ob.pair, dtype=np.int64)
+    nblk = len(bpos)
+    if (bptr.shape != (nblk + 1,) or bpos.shape != (nblk, 2) or pair.ndim != 2
+            or pair.shape[1] != 3 or bptr[0] != 0 or bptr[-1] != len(pair)
+            or np.any(np.diff(bptr) < 0)):
+        raise ValueError("observation form: the blocks do not match their pairs")
+    if len(pair) and (np.any(pair[:, 0] < 0) or np.any(pair[:, 0] >= mbase[-1])):
+        raise ValueError("observation form: a pair's Gram entry is out of range")
+    if len(pair):               # ... and in its level's lower triangle (all that is formed)
+        lev_p = np.searchsorted(mbase, pair[:, 0], side="right") - 1
+        local = pair[:, 0] - mbase[lev_p]
+        if np.any(local % nobs[lev_p] > local // nobs[lev_p]):
+            raise ValueError("observation form: a pair's Gram entry is above the diagonal")
+    # each pair's units: the unit whose place in s is given, at the block's row/column
+    unit_at = np.full(n * zw + 1, -1, dtype=np.int64)
+    unit_at[soff.ravel()] = np.arange(n * nu)
+    blk_of = np.repeat(np.arange(nblk), np.diff(bptr))
+    for side in (0, 1):
+        off = pair[:, 1 + side]
+        ok = (off >= 0) & (off < n * zw)
+        inst = unit_at[np.where(ok, off, n * zw)]
+        if len(pair) and (not ok.all() or np.any(inst < 0) or not np.array_equal(
+                upos.ravel()[inst], bpos[blk_of, side])):
+            raise ValueError("observation form: a pair's unit is not at its block")
+    if nblk and np.any(bpos[:, 0] < bpos[:, 1]):
+        raise ValueError("observation form: a block above the diagonal")
+    return dict(optr=optr, z1=z1, upos=upos, uprow=uprow, uk=uk, uzoff=uzoff, uz=uz, xy=xy,
+                soff=soff, mbase=mbase, bptr=bptr, bpos=bpos, pair=pair)
