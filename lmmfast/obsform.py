@@ -19,6 +19,9 @@ __all__ = ["ObsData", "obs_form_pays", "panel_cost", "obs_cost", "checked_arrays
 # 5.5x on kb07's design (56 x 32, two 8 x 8 terms) ran 1.56x faster; 1.8x on a 2 x 2
 # maximal design 1.19x faster; 3.0x with an 8-wide and a 4-wide term 0.78x (slower).
 GAIN = 4.0
+# Later terms must be this wide (the widths the blocks' vector kernels are written for:
+# 2 x 2 and 2 x 2 x 2 designs' terms); others would run in general loops, slower than BLAS.
+VECTOR_WIDTHS = (4, 8)
 # Per pair of units, the loads of the pair, its Gram entry and the units' rows, counted in
 # multiply-adds.
 PAIR_OVERHEAD = 16.0
@@ -61,8 +64,9 @@ def obs_cost(level_counts, k1: int, ks, nxy: int) -> float:
 
 def obs_form_pays(t1, rest, D: int, nxy: int, indptr, batch) -> bool:
     """Whether the observation form is predicted :data:`GAIN` times cheaper than the
-    panels (and fits :data:`MAX_D`, :data:`MAX_LEVEL_OBS`, :data:`MAX_PAIRS`)."""
-    if not rest or D > MAX_D:
+    panels (and fits :data:`VECTOR_WIDTHS`, :data:`MAX_D`, :data:`MAX_LEVEL_OBS`,
+    :data:`MAX_PAIRS`)."""
+    if not rest or D > MAX_D or any(t.k not in VECTOR_WIDTHS for t in rest):
         return False
     counts = np.bincount(t1.codes, minlength=t1.nlevels)
     nu = len(rest)

@@ -164,6 +164,12 @@ def test_cost_rule_takes_the_obs_form_only_where_it_pays():
     df = crossed_frame(0, 40, 30, 3, 4, 0.0)
     m = LinearMixedModel("y ~ 1 + x1 + (1 | g1) + (1 | g2)", df, method="blocked")
     assert m.pls.xp.obs is None
+    # kb07's crossing with a later term no vector kernel is written for: the panels
+    df = crossed_frame(1, 56, 32, 3, 1, 0.0)
+    for f in ["y ~ 1 + a*b*c + (1 + a*b*c | g1) + (1 | g2)",
+              "y ~ 1 + a*b*c + (1 + a*b*c | g1) + (1 + a + b | g2)"]:
+        m = LinearMixedModel(f, df, method="blocked")
+        assert m.pls.xp.obs is None, f
 
 
 def test_obs_form_is_validated_against_the_panels():
