@@ -164,12 +164,19 @@ def test_cost_rule_takes_the_obs_form_only_where_it_pays():
     df = crossed_frame(0, 40, 30, 3, 4, 0.0)
     m = LinearMixedModel("y ~ 1 + x1 + (1 | g1) + (1 | g2)", df, method="blocked")
     assert m.pls.xp.obs is None
-    # kb07's crossing with a later term no vector kernel is written for: the panels
-    df = crossed_frame(1, 56, 32, 3, 1, 0.0)
-    for f in ["y ~ 1 + a*b*c + (1 + a*b*c | g1) + (1 | g2)",
-              "y ~ 1 + a*b*c + (1 + a*b*c | g1) + (1 + a + b | g2)"]:
+
+
+def test_width_rule_keeps_later_terms_without_a_vector_kernel_on_the_panels(monkeypatch):
+    """With the cost bar removed (GAIN 0) the widths decide: later terms 4 or 8 wide take
+    the observation form, 1 or 3 wide keep the panels."""
+    monkeypatch.setattr(obsform, "GAIN", 0.0)
+    df = crossed_frame(1, 30, 20, 3, 1, 0.0)
+    for f, want in [("y ~ 1 + a*b*c + (1 + a*b*c | g1) + (1 | g2)", False),
+                    ("y ~ 1 + a*b*c + (1 + a*b*c | g1) + (1 + a + b | g2)", False),
+                    ("y ~ 1 + a*b + (1 + a | g1) + (1 + a*b | g2)", True),
+                    ("y ~ 1 + a*b*c + (1 + a | g1) + (1 + a*b*c | g2)", True)]:
         m = LinearMixedModel(f, df, method="blocked")
-        assert m.pls.xp.obs is None, f
+        assert (m.pls.xp.obs is not None) == want, f
 
 
 def test_obs_form_is_validated_against_the_panels():
