@@ -35,8 +35,8 @@ cdef struct ObsForm:
     int max_threads             # threads the per-thread scratch is made for
     Py_ssize_t thr_stride       # doubles of one thread's scratch:
     double* thr                 # R (2 k1² + k1), G and G' (2 nmax k1), W' (nxy nmax),
-                                # the X/y rows' sums (nxy D); a block's accumulator
-                                # (max k_t²) at the start
+                                # the X/y rows' sums (nxy D), a block's accumulator
+                                # (max k_t²)
 
 cdef int obs_update(const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
                     const cnp.int64_t* indptr, Py_ssize_t D, Py_ssize_t nz,

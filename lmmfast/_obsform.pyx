@@ -21,7 +21,7 @@ panel path gives; ``blocks.BlockedCrossprod`` chooses the form by predicted cost
 """
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange, threadid
-from lmmfast._dense cimport level_factor
+from lmmfast._dense cimport level_factor, rows_tmul
 
 cnp.import_array()
 
@@ -227,24 +227,6 @@ cdef extern from *:
     LMMFAST_LEVEL(lmmfast_level4_avx2, LMMFAST_AVX2, 4)
     #endif
 
-    /* s = T'z for lower-triangular row-major k x k T: s_a = sum_b T[b, a] z_b (T's upper
-       triangle holds zeros: whole rows, one loop length); k = 8 with constant bounds */
-    static inline void lmmfast_tz(double *restrict s, const double *restrict T,
-                                  const double *restrict z, int64_t k)
-    {
-        int64_t a, b;
-        if (k == 8) {
-            double r[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-            for (b = 0; b < 8; b++)
-                for (a = 0; a < 8; a++) r[a] += z[b] * T[b * 8 + a];
-            for (a = 0; a < 8; a++) s[a] = r[a];
-            return;
-        }
-        for (a = 0; a < k; a++) s[a] = 0.0;
-        for (b = 0; b < k; b++)
-            for (a = 0; a < k; a++) s[a] += z[b] * T[b * k + a];
-    }
-
     /* tests: 0 takes the baseline copies whatever the CPU, 1 the CPU's best; returns
        whether AVX2 copies run now */
     static int lmmfast_set_avx2(int on)
@@ -278,7 +260,6 @@ cdef extern from *:
     }
     """
     int set_avx2 "lmmfast_set_avx2" (int on) noexcept nogil
-    void tz "lmmfast_tz" (double* s, const double* T, const double* z, cnp.int64_t k) noexcept nogil
     void level_kernel "lmmfast_level" (
         const double* z1, const double* R, cnp.int64_t nj, cnp.int64_t k, double* g,
         double* gt, double* m, double* v, cnp.int64_t nr, const cnp.int64_t* uprow,
@@ -300,7 +281,7 @@ cdef inline void unit_transform(const ObsForm* ob, const double* rscale,
                                 const cnp.int64_t* rtoff, const double* Tflat) noexcept nogil:
     """s <- Λ_t' z for every observation's unit: rscale z (k_t = 1) or T_t' z (T_t lower
     triangular, row-major: (T'z)_a = Σ_{b >= a} T[b, a] z_b), at its offset ``soff``."""
-    cdef Py_ssize_t o, u, k, pos
+    cdef Py_ssize_t o, u, a, k, pos
     cdef const double* z
     cdef double* s
     for o in range(ob.n):
@@ -312,7 +293,9 @@ cdef inline void unit_transform(const ObsForm* ob, const double* rscale,
             if k == 1:
                 s[0] = rscale[pos] * z[0]
             else:
-                tz(s, Tflat + rtoff[pos], z, k)
+                for a in range(k):
+                    s[a] = z[a]
+                rows_tmul(s, 1, 1, Tflat + rtoff[pos], k)      # a k × 1 column: T' z
 
 
 cdef int level_part(Py_ssize_t j, const double* A11, Py_ssize_t k1, const double* T1,
@@ -380,7 +363,7 @@ cdef int obs_update(const double* A11, Py_ssize_t m1, Py_ssize_t k1, const doubl
     cdef int nt = max(1, min(nthreads, ob.max_threads)), bad = 0
     cdef double* xyacc
     cdef Py_ssize_t off_xy = 2 * k1 * k1 + k1 + 2 * ob.nmax * k1 + nxy * ob.nmax
-    cdef Py_ssize_t off_acc = off_xy + nxy * D      # a block's accumulator (threads)
+    cdef Py_ssize_t off_acc = off_xy + nxy * D      # a block's accumulator
     unit_transform(ob, rscale, rtoff, Tflat)
     for t in range(nt):
         xyacc = ob.thr + t * ob.thr_stride + off_xy
@@ -408,5 +391,5 @@ cdef int obs_update(const double* A11, Py_ssize_t m1, Py_ssize_t k1, const doubl
                 L22[(nz + a) * D + c] += xyacc[a * D + c]
     if nt == 1:
         for bk in range(ob.nblk):
-            block_part(bk, D, L22, ob, ob.thr)
+            block_part(bk, D, L22, ob, ob.thr + off_acc)
     return 0

@@ -324,8 +324,7 @@ cdef class BlockedFactor:
         # waking them (see obsform.OBS_THREAD_MIN_WORK)
         if obs_cost(nobs, k1, list(uk), nxy) >= OBS_THREAD_MIN_WORK:
             self.nthreads = _n_threads()
-        stride = max(2 * k1 * k1 + k1 + 2 * nmax * k1 + nxy * nmax + nxy * D + kmax * kmax,
-                     kmax * kmax)
+        stride = 2 * k1 * k1 + k1 + 2 * nmax * k1 + nxy * nmax + nxy * D + kmax * kmax
         thr_ = np.zeros(stride * self.nthreads)
         upos, uprow, z1, uz, xy, soff, bpos, pair = (
             a.ravel() for a in (upos, uprow, z1, uz, xy, soff, bpos, pair))   # views
