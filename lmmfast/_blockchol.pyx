@@ -32,7 +32,7 @@ from scipy.linalg.cython_blas cimport dgemm, dsyrk
 from lmmfast._chol cimport potrf_tiled, syrk_tiled
 from lmmfast._obsform cimport ObsForm, obs_update
 from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, dot4, downdate,
-                             lam_dense_groups, lam_rows, level_factor, max_panel,
+                             lam_dense, lam_rows, level_factor, max_panel,
                              PREFETCH_AHEAD, prefetch_panel, rows_times, symmetrize_tiles)
 
 cnp.import_array()
@@ -207,7 +207,8 @@ cdef int update_blocked_core(
     single-threaded BLAS (:mod:`lmmfast._chol`); else through BLAS/LAPACK as called.
     With ``obs`` (not NULL) the levels of term 1 are factored and downdated from their
     observations (:func:`lmmfast._obsform.obs_update`; no batches, heavy levels or
-    transposed pattern then)."""
+    transposed pattern then), and the panels' rows of the units are not formed
+    (:func:`lmmfast._obsform.obs_panels` forms them)."""
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
     cdef Py_ssize_t nxy = D - nz
     cdef int k_i, ld_i
@@ -220,36 +221,29 @@ cdef int update_blocked_core(
     cdef int n_i
     cdef char uplo = b'U'
 
+    if obs != NULL:
+        # ---- the levels of term 1 from their observations (``_obsform``; Λr' A22 Λr + I
+        # is written there, beside the levels; the panels' rows of the units are left to
+        # obs_panels)
+        info = obs_update(A11, m1, k1, T1, indptr, A22, D, nz, rscale, rk, rtoff, Tflat,
+                          L11, L21, L22, obs, nthreads, rbuf)
+        if info != 0:
+            return info
+        return dense_chol(L22, D, chol_threads, tile)
     if tptr != NULL:
         for a in range(nxy * D):
             wxy[a] = 0.0
     # ---- L22 <- Λr' A22 Λr  (+ I on the random-effects rows); only the lower (block)
-    # triangle, which is all dpotrf reads
+    # triangle, which is all dpotrf reads.  The row-wise downdate initialises the
+    # random-effects rows itself when nothing else writes them before it (no group
+    # factors, no batched or heavy levels)
     cdef bint groups = False
     for r in range(D):
         if rk[r] != 1:
             groups = True
             break
-    # the row-wise downdate initialises the random-effects rows itself when nothing else
-    # writes them before it (no group factors, no batched or heavy levels)
     cdef bint fused = tptr != NULL and not groups and nheavy == 0 and nbatch == m1
-    if groups:
-        lam_dense_groups(A22, L22, D, rscale, rk, rtoff, Tflat, rbuf)
-    else:
-        for r in range(nz if fused else 0, D):
-            s = rscale[r]
-            for c in range(r + 1):
-                L22[r * D + c] = A22[r * D + c] * s * rscale[c]
-    if not fused:
-        for r in range(nz):
-            L22[r * D + r] += 1.0
-    if obs != NULL:
-        # ---- the levels of term 1 from their observations (``_obsform``)
-        info = obs_update(A11, m1, k1, T1, indptr, D, nz, rscale, rtoff, Tflat, L11, L21,
-                          L22, obs, nthreads)
-        if info != 0:
-            return info
-        return dense_chol(L22, D, chol_threads, tile)
+    lam_dense(A22, L22, D, nz, nz if fused else 0, rscale, rk, rtoff, Tflat, rbuf)
 
     for bi in range(nbatch):
         j0 = batch[bi]

@@ -28,18 +28,26 @@ cdef struct ObsForm:
     const cnp.int64_t* bptr     # (nblk + 1,)
     const cnp.int64_t* bpos     # (nblk, 2)
     const cnp.int64_t* pair     # (npair, 3)
+    const cnp.int64_t* assign   # (nblk,): 1 where the block's pairs write it alone (its
+                                # A22 block is zero: no Λ' A22 Λ there), else 0
+    # the unit blocks of the lower triangle that Λ' A22 Λ (+ I) writes: (row, column) of
+    # each one's first entry (ObsData.lam_plan)
+    Py_ssize_t nlam
+    const cnp.int64_t* lam      # (nlam, 2)
     const cnp.int64_t* uk_at    # (nz,): k of the unit starting at a dense-block row
     double* s                   # (n, zw) scratch: Λ_t' z per unit
     double* gram                # (Σ n_j²,) scratch: the levels' Gram matrices
     Py_ssize_t nmax             # most observations in a level
     int max_threads             # threads the per-thread scratch is made for
     Py_ssize_t thr_stride       # doubles of one thread's scratch:
-    double* thr                 # R (2 k1² + k1), G and G' (2 nmax k1), W' (nxy nmax),
-                                # the X/y rows' sums (nxy D), a block's accumulator
-                                # (max k_t²)
+    double* thr                 # per thread: see _obsform.scratch_layout
 
 cdef int obs_update(const double* A11, Py_ssize_t m1, Py_ssize_t k1, const double* T1,
-                    const cnp.int64_t* indptr, Py_ssize_t D, Py_ssize_t nz,
-                    const double* rscale, const cnp.int64_t* rtoff, const double* Tflat,
-                    double* L11, double* L21, double* L22, const ObsForm* ob,
-                    int nthreads) noexcept nogil
+                    const cnp.int64_t* indptr, const double* A22, Py_ssize_t D,
+                    Py_ssize_t nz, const double* rscale, const cnp.int64_t* rk,
+                    const cnp.int64_t* rtoff, const double* Tflat, double* L11, double* L21,
+                    double* L22, const ObsForm* ob, int nthreads, double* rbuf) noexcept nogil
+
+cdef void obs_panels(Py_ssize_t m1, Py_ssize_t k1, const double* T1, const double* L11,
+                     const cnp.int64_t* indptr, Py_ssize_t D, double* L21, const ObsForm* ob,
+                     int nthreads) noexcept nogil

@@ -19,7 +19,8 @@ from cpython.pycapsule cimport PyCapsule_New
 from lmmfast._chol cimport MAX_BLAS_SETTERS, blas_restore_threads, blas_single_thread
 from lmmfast._dense cimport BLAS_MIN, GATHER_MAX, max_panel
 from lmmfast._blockchol cimport SMALL_CHOL, batched_width, update_blocked_core
-from lmmfast._obsform cimport ObsForm
+from lmmfast._obsform cimport ObsForm, obs_panels
+from lmmfast._obsform import scratch_doubles
 from lmmfast._blockchol import (_heavy_setup, single_levels, transposed_pattern_ok,
                                 update_blocked)
 
@@ -159,6 +160,14 @@ def _n_threads() -> int:
     return max(1, min(n, 8))
 
 
+def _lines(Py_ssize_t n):
+    """n zeros starting at a 64-byte boundary (a cache line): scratch that threads write
+    in parts shares no line between them where the parts are whole lines."""
+    buf = np.zeros(n + 8)
+    cdef Py_ssize_t skip = (-(buf.ctypes.data % 64) // 8) % 8
+    return buf[skip:skip + n]
+
+
 cdef class BlockedFactor:
     """The blocked factor of Ω(θ) with its cross-products: one compiled call per θ.
 
@@ -194,6 +203,7 @@ cdef class BlockedFactor:
     cdef double[::1] hbufv
     cdef ObsForm obsf
     cdef bint use_obs
+    cdef readonly bint panels_stale      # the observation form's panels wait for ensure_panels
     cdef readonly object obs_arrays      # what obsf points into, kept alive here
 
     def __init__(self, xp):
@@ -310,29 +320,30 @@ cdef class BlockedFactor:
         D, nz, k1 = self.D, self.nz, self.k1
         nxy = D - nz
         c = checked_arrays(ob, np.asarray(self.indptr), np.asarray(self.rows),
-                           np.asarray(self.rk), nz, D, k1)
-        optr, z1, upos, uprow, uk, uzoff, uz, xy, soff, mbase, bptr, bpos, pair = (
+                           np.asarray(self.rk), nz, D, k1, ob.lam, ob.assign)
+        optr, z1, upos, uprow, uk, uzoff, uz, xy, soff, mbase, bptr, bpos, pair, lam, assign = (
             c[k] for k in ("optr", "z1", "upos", "uprow", "uk", "uzoff", "uz", "xy", "soff",
-                           "mbase", "bptr", "bpos", "pair"))
+                           "mbase", "bptr", "bpos", "pair", "lam", "assign"))
         n, nu, zw, nblk = len(z1), len(uk), int(uk.sum()), len(bpos)
         nobs = np.diff(optr)
         kmax = int(uk.max(initial=1))
         nmax = int(nobs.max(initial=0))
-        s_ = np.zeros(max(n * zw, 1))
-        gram_ = np.zeros(max(int(mbase[-1]), 1))
+        s_ = _lines(max(n * zw, 1))
+        gram_ = _lines(max(int(mbase[-1]), 1))
         # threads: the levels and blocks are shared among them where the work pays for
         # waking them (see obsform.OBS_THREAD_MIN_WORK)
         if obs_cost(nobs, k1, list(uk), nxy) >= OBS_THREAD_MIN_WORK:
             self.nthreads = _n_threads()
-        stride = 2 * k1 * k1 + k1 + 2 * nmax * k1 + nxy * nmax + nxy * D + kmax * kmax
-        thr_ = np.zeros(stride * self.nthreads)
-        upos, uprow, z1, uz, xy, soff, bpos, pair = (
-            a.ravel() for a in (upos, uprow, z1, uz, xy, soff, bpos, pair))   # views
+        stride = -(-scratch_doubles(k1, nmax, nxy, D, kmax) // 8) * 8    # whole cache lines
+        thr_ = _lines(stride * self.nthreads)
+        upos, uprow, z1, uz, xy, soff, bpos, pair, lam = (
+            a.ravel() for a in (upos, uprow, z1, uz, xy, soff, bpos, pair, lam))   # views
         self.obs_arrays = (optr, z1, upos, uprow, uk, uzoff, uz, xy, soff, mbase, bptr,
-                           bpos, pair, s_, gram_, thr_)
+                           bpos, pair, lam, assign, s_, gram_, thr_)
         cdef const cnp.int64_t[::1] optr_v = optr, upos_v = upos, uprow_v = uprow
         cdef const cnp.int64_t[::1] uk_v = uk, uzoff_v = uzoff, soff_v = soff, mbase_v = mbase
         cdef const cnp.int64_t[::1] bptr_v = bptr, bpos_v = bpos, pair_v = pair
+        cdef const cnp.int64_t[::1] lam_v = lam, assign_v = assign
         cdef const double[::1] z1_v = z1, uz_v = uz, xy_v = xy
         cdef double[::1] s_v = s_, gr_v = gram_, thr_v = thr_
         self.obsf.n, self.obsf.nu, self.obsf.zw, self.obsf.nxy = n, nu, zw, nxy
@@ -350,6 +361,9 @@ cdef class BlockedFactor:
         self.obsf.bptr = &bptr_v[0]
         self.obsf.bpos = &bpos_v[0] if nblk else NULL
         self.obsf.pair = &pair_v[0] if len(pair) else NULL
+        self.obsf.nlam = len(lam) // 2
+        self.obsf.lam = &lam_v[0] if len(lam) else NULL
+        self.obsf.assign = &assign_v[0] if nblk else NULL
         self.obsf.uk_at = &self.rk[0]
         self.obsf.s, self.obsf.gram, self.obsf.thr = &s_v[0], &gr_v[0], &thr_v[0]
         self.obsf.nmax, self.obsf.max_threads, self.obsf.thr_stride = nmax, self.nthreads, stride
@@ -372,9 +386,12 @@ cdef class BlockedFactor:
         self.last_chol_threads = ct
         return nthreads
 
-    cdef int _factor_ptr(self, const double* theta, int nthreads) noexcept nogil:
+    cdef int _factor_ptr(self, const double* theta, int nthreads,
+                         bint panels=True) noexcept nogil:
         """Map θ (of the length ``self.theta`` was made for) onto T1, the row scales and
-        the group factors, and refactor; the kernel's info."""
+        the group factors, and refactor; the kernel's info.  In the observation form the
+        panels' rows of the units are formed only with ``panels`` (else by
+        :meth:`ensure_panels`, when something reads them)."""
         cdef Py_ssize_t i, ix
         for i in range(self.thv.shape[0]):
             self.thv[i] = theta[i]
@@ -407,9 +424,27 @@ cdef class BlockedFactor:
             &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
             nthreads, &self.rbufv[0], self.last_chol_threads, self.tile,
             &self.obsf if self.use_obs else NULL)
+        self.panels_stale = False
+        if self.use_obs and info == 0:
+            if panels:
+                obs_panels(self.m1, self.k1, &self.T1v[0, 0], &self.L11v[0, 0, 0],
+                           &self.indptr[0], self.D, &self.L21v[0, 0], &self.obsf, nthreads)
+            else:
+                self.panels_stale = True
         if self.blas_single:
             blas_restore_threads(saved)
         return info
+
+    def ensure_panels(self):
+        """Form the panels (L21) of the current factor where an objective-only evaluation
+        in the observation form left them out; nothing otherwise."""
+        cdef int nthreads
+        if self.panels_stale:
+            nthreads = self.last_nthreads if self.last_nthreads > 0 else 1
+            with nogil:
+                obs_panels(self.m1, self.k1, &self.T1v[0, 0], &self.L11v[0, 0, 0],
+                           &self.indptr[0], self.D, &self.L21v[0, 0], &self.obsf, nthreads)
+            self.panels_stale = False
 
     cdef void _pieces(self, double* ldz, double* ldx, double* r2) noexcept nogil:
         logdets_core(self.L11v, self.L22v, self.nz, ldz, ldx, r2)
@@ -451,7 +486,7 @@ cdef class BlockedFactor:
         cdef int nthreads = self._threads(), info
         cdef double f
         with nogil:
-            info = self._factor_ptr(theta, nthreads)
+            info = self._factor_ptr(theta, nthreads, False)
             f = self._deviance(reml) if info == 0 else INFINITY
         return f
 
@@ -474,8 +509,16 @@ cdef class BlockedFactor:
         return ldz, ldx, r2
 
     cpdef double objective(self, const double[::1] theta, bint reml) except? -1.0:
-        """Profiled deviance (ML) or REML criterion at θ; +inf where Ω(θ) is not PD."""
-        if self.factor(theta) != 0:
+        """Profiled deviance (ML) or REML criterion at θ; +inf where Ω(θ) is not PD (the
+        factor is left at θ; in the observation form without its panels until
+        :meth:`ensure_panels`)."""
+        cdef int info, nthreads
+        if self.theta is None or self.theta.shape[0] != theta.shape[0]:
+            self._check_theta(theta.shape[0])
+        nthreads = self._threads()
+        with nogil:
+            info = self._factor_ptr(&theta[0] if theta.shape[0] else NULL, nthreads, False)
+        if info != 0:
             return INFINITY
         return self._deviance(reml)
 

@@ -144,6 +144,8 @@ class BlockedCrossprod:
         self.rs_index = rs_index
         self.tflat_index = np.asarray(tflat_index, dtype=np.int64)
         self.t1_index = np.asarray(_tril_map(self.k1, theta_offsets[0]), dtype=np.int64)
+        if self.obs is not None:
+            self.obs.lam, self.obs.assign = self.obs.lam_plan(self.A22, self.rk, D)
 
     @staticmethod
     def _small(t1, rest, offs, X, y, D):

@@ -103,6 +103,9 @@ class ObsData:
     bptr, bpos, pair : int64 arrays
         The random-effects blocks of the downdate (row and column where each starts) and
         their pairs (Gram entry, the two units' offsets in the scratch); see ``_pairs``.
+    lam, assign : int64 arrays
+        The unit blocks Λ' A22 Λ writes, and the blocks the pairs write alone (set by the
+        owner once A22 and the units are known; see :meth:`lam_plan`).
     """
 
     def __init__(self, t1, rest, offs, X, y, indptr, rows, D):
@@ -131,6 +134,7 @@ class ObsData:
             raise ValueError("an observation's level is missing from its panel")
         self.uprow = np.ascontiguousarray(at - indptr[lev])
         self._pairs(D)
+        self.lam = self.assign = None
 
     def _pairs(self, D):
         """Where each unit's Λ_t' z goes in s (``soff``: in the order of the units' rows,
@@ -176,21 +180,57 @@ class ObsData:
         self.pair = np.ascontiguousarray(np.column_stack([mi, flat[first], flat[second]]),
                                          dtype=np.int64)
 
+    def lam_plan(self, A22, rk, D: int):
+        """Which blocks of the dense block's lower triangle Λ' A22 Λ (+ I) writes, and
+        which the pairs write alone.
+
+        The dense block's rows fall into units (a level of a later term, ``rk`` rows; a
+        scalar row).  A block of two units whose A22 block is zero (two levels that never
+        meet in an observation: most item x item blocks of a crossed design) and that has
+        pairs is written by its pairs alone (``assign``: L22 = -Σ, no Λ' A22 Λ to form or
+        read); every other unit block of the lower triangle (``lam``, row-major (row,
+        column) of its first entry) by Λ' A22 Λ, the pairs then subtracting from it.
+
+        Returns
+        -------
+        lam : (nlam, 2) int64
+        assign : (nblk,) int64, 1 where block b's pairs write it alone
+        """
+        rk = np.asarray(rk, dtype=np.int64)
+        starts = []
+        r = 0
+        while r < D:
+            starts.append(r)
+            r += max(int(rk[r]), 1)
+        starts = np.asarray(starts, dtype=np.int64)
+        nzA = (np.asarray(A22)[:D, :D] != 0).astype(np.int64)
+        nzA = np.add.reduceat(np.add.reduceat(nzA, starts, axis=0), starts, axis=1)
+        ui = np.searchsorted(starts, self.bpos[:, 0])
+        uj = np.searchsorted(starts, self.bpos[:, 1])
+        assign = ((ui != uj) & (nzA[ui, uj] == 0)).astype(np.int64)
+        U = len(starts)
+        todo = np.tril(np.ones((U, U), dtype=bool))
+        todo[ui[assign == 1], uj[assign == 1]] = False
+        i, j = np.nonzero(todo)
+        lam = np.ascontiguousarray(np.column_stack([starts[i], starts[j]]), dtype=np.int64)
+        return lam, assign
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.optr, self.z1, self.upos, self.uprow, self.uz,
                                       self.xy, self.soff, self.mbase, self.bptr, self.bpos,
-                                      self.pair))
+                                      self.pair, self.lam, self.assign) if a is not None)
 
 
-def checked_arrays(ob, indptr, rows, rk, nz: int, D: int, k1: int) -> dict:
+def checked_arrays(ob, indptr, rows, rk, nz: int, D: int, k1: int, lam, assign) -> dict:
     """The arrays of ``ob`` (:class:`ObsData`) as the kernel reads them (contiguous, int64
     or float64), checked against the panels (``indptr``, ``rows``), the dense block's
     units (``rk``: k at each level's first row, 1 for a scalar row) and its sizes: every
     index the kernel follows stays inside its array, every unit is one level of one term
-    and sits where its panel has it, the units' places in the scratch do not overlap, and
-    every pair's Gram entry lies in its level's lower triangle.  Raises ValueError
-    naming the first mismatch."""
+    and sits where its panel has it, the units' places in the scratch do not overlap,
+    every pair's Gram entry lies in its level's lower triangle, and the blocks' plan
+    (``lam``, ``assign``: :meth:`ObsData.lam_plan`) covers the lower triangle's unit
+    blocks once.  Raises ValueError naming the first mismatch."""
     m1 = len(indptr) - 1
     nxy = D - nz
     optr = np.ascontiguousarray(ob.optr, dtype=np.int64)
@@ -275,5 +315,25 @@ def checked_arrays(ob, indptr, rows, rk, nz: int, D: int, k1: int) -> dict:
             raise ValueError("observation form: a pair's unit is not at its block")
     if nblk and np.any(bpos[:, 0] < bpos[:, 1]):
         raise ValueError("observation form: a block above the diagonal")
+    # Λ' A22 Λ's blocks and the blocks the pairs write alone: between them every unit
+    # block of the lower triangle once, the pairs' alone off the diagonal
+    lam = np.ascontiguousarray(lam, dtype=np.int64)
+    assign = np.ascontiguousarray(assign, dtype=np.int64)
+    if assign.shape != (nblk,) or np.any((assign != 0) & (assign != 1)) or lam.ndim != 2 \
+            or lam.shape[1] != 2:
+        raise ValueError("observation form: the blocks' plan does not match the blocks")
+    unit = np.zeros(D, dtype=bool)
+    r = 0
+    while r < D:
+        unit[r] = True
+        r += max(int(rk[r]), 1)
+    cells = np.concatenate([lam, bpos[assign == 1]]) if nblk else lam
+    if (np.any(cells < 0) or np.any(cells >= D) or not unit[cells].all()
+            or np.any(cells[:, 0] < cells[:, 1])
+            or np.any(bpos[assign == 1, 0] == bpos[assign == 1, 1])):
+        raise ValueError("observation form: a planned block is not a unit block of the lower triangle")
+    U = int(unit.sum())
+    if len(cells) != U * (U + 1) // 2 or len(np.unique(cells[:, 0] * D + cells[:, 1])) != len(cells):
+        raise ValueError("observation form: the blocks' plan does not cover the lower triangle once")
     return dict(optr=optr, z1=z1, upos=upos, uprow=uprow, uk=uk, uzoff=uzoff, uz=uz, xy=xy,
-                soff=soff, mbase=mbase, bptr=bptr, bpos=bpos, pair=pair)
+                soff=soff, mbase=mbase, bptr=bptr, bpos=bpos, pair=pair, lam=lam, assign=assign)

@@ -64,7 +64,14 @@ class BlockedPLS:
     def __init__(self, xp):
         self.xp = xp
         self._f = _pls.BlockedFactor(xp)
-        self.L11, self.L21, self.L22 = self._f.L11, self._f.L21, self._f.L22
+        self.L11, self.L22 = self._f.L11, self._f.L22
+
+    @property
+    def L21(self):
+        """The panels of the current factor (in the observation form, formed here on the
+        first read after an objective-only evaluation)."""
+        self._f.ensure_panels()
+        return self._f.L21
 
     # the current θ, T1, Λ_rest row scales and group factors (set by factor)
     theta = property(lambda self: self._f.theta)

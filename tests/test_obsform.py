@@ -88,28 +88,34 @@ def test_obs_form_gives_the_dense_factor(seed, n1, n2, reps, drop, which, reml):
 
 
 @pytest.mark.parametrize("which", [0, 1, 4])
-def test_baseline_vector_copies_equal_the_avx2_ones(which):
-    """The kernels' baseline copies (vectors of two doubles; what a CPU without AVX2 runs)
-    give the same factor as the AVX2 ones, and the dense objective."""
+def test_every_vector_copy_gives_the_dense_factor(which):
+    """The kernels' copies for each vector width the CPU has (baseline: vectors of two
+    doubles, what a CPU without AVX2 runs; AVX2 with FMA; AVX-512) give the same factor,
+    and the dense objective."""
     from lmmfast import _obsform
 
     df = crossed_frame(8, 14, 11, 3, 2, 0.2)
     model = LinearMixedModel(FORMULAS[which], df, REML=False, method="blocked")
     theta = random_theta(model, np.random.default_rng(2))
     _, obs = both_paths(model)
-    try:
-        _obsform._vector_copies(False)
-        f0 = obs.objective(theta, False)
-        L21, L22 = obs.L21.copy(), np.tril(obs.L22)
-    finally:
-        _obsform._vector_copies(True)
-    f1 = obs.objective(theta, False)
-    np.testing.assert_allclose(L21, obs.L21, rtol=1e-11, atol=1e-12)
-    np.testing.assert_allclose(L22, np.tril(obs.L22), rtol=1e-10, atol=1e-10)
     Z = np.column_stack([t.Z().toarray() for t in model.terms])
     Lam = dense_lambda(model.terms, theta, model.theta_offsets)
-    assert f0 == pytest.approx(dense_objective(Z, model.X, model.y, Lam, False), rel=1e-9)
-    assert f0 == pytest.approx(f1, rel=1e-12)
+    dense = dense_objective(Z, model.X, model.y, Lam, False)
+    out = {}
+    try:
+        for cap in (0, 1, 2):
+            isa = _obsform._vector_copies(cap)
+            f = obs.objective(theta, False)
+            out[isa] = (f, obs.L21.copy(), np.tril(obs.L22))
+    finally:
+        _obsform._vector_copies(2)
+    assert 0 in out
+    f0, L21, L22 = out[0]
+    assert f0 == pytest.approx(dense, rel=1e-9)
+    for f, L21_, L22_ in out.values():
+        np.testing.assert_allclose(L21_, L21, rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(L22_, L22, rtol=1e-10, atol=1e-10)
+        assert f == pytest.approx(f0, rel=1e-12)
 
 
 @pytest.mark.parametrize("which", [1, 2, 4])
@@ -181,7 +187,7 @@ def test_width_rule_keeps_later_terms_without_a_vector_kernel_on_the_panels(monk
 
 def test_obs_form_is_validated_against_the_panels():
     df = crossed_frame(5, 8, 6, 3, 1, 0.0)
-    model = LinearMixedModel(FORMULAS[0], df, method="blocked")
+    model = LinearMixedModel(FORMULAS[1], df, method="blocked")
     args = (model.terms, model.X, model.y, model.theta_offsets)
     with pytest.raises(ValueError, match="second random-effects term"):
         BlockedCrossprod(model.terms[:1], model.X, model.y, model.theta_offsets[:1], obs=True)
@@ -200,7 +206,10 @@ def test_obs_form_is_validated_against_the_panels():
              ("pair", lambda a: a.__setitem__((0, 1), a[-1, 1]), "not at its block"),
              ("optr", lambda a: a.__setitem__(-1, a[-1] - 1), "shapes"),
              ("mbase", lambda a: a.__setitem__(1, a[1] + 1), "Gram matrices"),
-             ("pair", lambda a: a.__setitem__((0, 0), 1), "above the diagonal")]
+             ("pair", lambda a: a.__setitem__((0, 0), 1), "above the diagonal"),
+             ("assign", lambda a: a.__setitem__(np.flatnonzero(a)[0], 0), "once"),
+             ("lam", lambda a: a.__setitem__(0, a[-1]), "once"),
+             ("lam", lambda a: a.__setitem__((0, 0), a[0, 0] + 1), "unit block")]
     for field, change, msg in cases:
         with pytest.raises(ValueError, match=msg):
             BlockedPLS(spoiled(field, change))
@@ -221,3 +230,24 @@ def test_a_theta_the_factor_cannot_take_gives_inf(monkeypatch, threads):
     assert obs.objective(theta, False) == np.inf == panel.objective(theta, False)
     theta[0] = 0.7                       # and it recovers
     assert obs.objective(theta, False) == pytest.approx(panel.objective(theta, False), rel=1e-11)
+
+
+def test_panels_left_out_of_an_objective_are_formed_when_read():
+    """An objective-only evaluation leaves the panels' unit rows out; reading L21 forms
+    them for the current θ (not the previous one): the panel path's L21 at each θ, and
+    the gradient through them the panel path's."""
+    from lmmfast.gradient import blocked_gradient
+
+    df = crossed_frame(4, 12, 9, 3, 1, 0.1)
+    model = LinearMixedModel(FORMULAS[4], df, REML=True, method="blocked")
+    panel, obs = both_paths(model)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        theta = random_theta(model, rng)
+        fo, fp = obs.objective(theta, True), panel.objective(theta, True)
+        assert fo == pytest.approx(fp, rel=1e-11)
+        assert obs._f.panels_stale
+        np.testing.assert_allclose(obs.L21, panel.L21, rtol=1e-11, atol=1e-12)
+        assert not obs._f.panels_stale
+        np.testing.assert_allclose(blocked_gradient(obs, True), blocked_gradient(panel, True),
+                                   rtol=1e-8, atol=1e-8)
