@@ -48,8 +48,10 @@ cdef extern from *:
     typedef double lmmfast_v4u __attribute__((vector_size(32), aligned(8), may_alias));
     typedef double lmmfast_v2 __attribute__((vector_size(16)));
     typedef double lmmfast_v2u __attribute__((vector_size(16), aligned(8), may_alias));
+    #endif
     #define LMMFAST_LD(VTU, p) (*(const VTU *)(p))
     #define LMMFAST_ST(VTU, p, x) (*(VTU *)(p) = (x))
+    #if defined(__GNUC__)
 
     /* acc (ka x kb, row-major) = sum over pairs t0..t1-1 of m[p0] s[p1 ..] s[p2 ..]'
        (pair p: the Gram entry's index, the offsets of the two units' rows of s), RA rows
@@ -353,8 +355,8 @@ cdef extern from *:
         }                                                                               \
     }
 
-    #if defined(__GNUC__)
     LMMFAST_LEVEL(lmmfast_level_base, , double, double, 1, k, 1)
+    #if defined(__GNUC__)
     LMMFAST_LEVEL(lmmfast_level8_base, , lmmfast_v2, lmmfast_v2u, 2, 8, 2)
     LMMFAST_LEVEL(lmmfast_level4_base, , lmmfast_v2, lmmfast_v2u, 2, 4, 4)
     #ifdef LMMFAST_HAVE_CLONES
@@ -421,6 +423,7 @@ cdef extern from *:
 
     static lmmfast_level_fn lmmfast_level_pick(int64_t k)
     {
+    #if defined(__GNUC__)
         int isa = lmmfast_isa();
     #ifdef LMMFAST_HAVE_CLONES
         if (isa == 2 && k == 8) return lmmfast_level8_avx512;
@@ -429,6 +432,10 @@ cdef extern from *:
     #endif
         (void)isa;
         return k == 8 ? lmmfast_level8_base : k == 4 ? lmmfast_level4_base : lmmfast_level_base;
+    #else
+        (void)k;
+        return lmmfast_level_base;
+    #endif
     }
 
     static void lmmfast_level(const double *z1, const double *R, int64_t nj, int64_t k,
