@@ -32,8 +32,14 @@ MAX_D = 724
 MAX_LEVEL_OBS = 4096
 MAX_PAIRS = 2 ** 21
 # From this many predicted multiply-adds an evaluation (obs_cost) the levels and blocks
-# are shared among the threads (below, waking them costs more than they save).
-OBS_THREAD_MIN_WORK = 1e6
+# are shared among the threads.  Below, waking them (tens of microseconds, with idle
+# threads asleep) and the cache lines the pairs read from the other core's levels cost
+# more than they save.  Measured on 2 cores (kb07-like designs, one evaluation, fastest
+# of 15; 2 threads against 1): 56 x 32 subjects x items (3.2e6) 0.57 against 0.54 ms,
+# 112 x 64 (2.3e7) 2.90 against 2.71 ms, 200 x 80 (6.3e7) 6.5 against 7.8 ms; with a
+# gradient between evaluations (L-BFGS-B; BLAS's threads then spin on the other core)
+# one thread is as fast even there.
+OBS_THREAD_MIN_WORK = 4e7
 
 
 def panel_cost(indptr, batch, k1: int) -> float:

@@ -238,11 +238,12 @@ def format_footer(meta: dict, records: list) -> str:
         "calls); * = optimizer iterations, not evaluations (lme-python: Nelder-Mead/grid "
         "iterations; gpboost: L-BFGS iterations); ms/eval: time / evals (includes model setup)",
         "eval ms (lmmfast): one objective evaluation at the estimate, model.objective(θ̂), "
-        "fastest of up to 7 (ms/eval above also carries the set-up and, with L-BFGS-B, the "
-        "gradients)",
+        "fastest of up to 15 rounds (ms/eval above also carries the set-up and, with L-BFGS-B, "
+        "the gradients)",
         "floor ms/eval (lmmfast, method 'blocked'): one scipy.linalg.cholesky of a random SPD "
         "matrix of the dense block's size D plus one copy of the stored cross-products "
-        "A22 and A21 (fastest of up to 7 calls each), measured in the lmmfast worker",
+        "A22 and A21 (fastest of up to 15 rounds each), measured in the lmmfast worker in turn "
+        "with the evaluation, round by round",
         "objective: -2 log-likelihood on lme4's scale: the REML criterion for REML rungs, "
         "the deviance for ML rungs (gpboost: 2 x get_current_neg_log_likelihood() with "
         "matrix_inversion_method='cholesky', exact)",

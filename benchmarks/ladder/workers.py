@@ -81,56 +81,57 @@ def describe_lmmfast(fit) -> dict:
            "converged": bool(opt.converged), "messages": [str(m) for m in opt.messages],
            "method": str(fit.model.method), "ntheta": int(fit.model.ntheta),
            "revision": git_revision()}
-    out.update(eval_floor(fit.model))
-    out.update(eval_cost(fit))
+    out.update(eval_timings(fit))
     return out
 
 
-def eval_cost(fit) -> dict:
-    """One objective evaluation at θ̂ in ms (fastest of up to 7; the same call the
-    optimizer makes), and with the gradient where the fit used it (L-BFGS-B)."""
+def _best_times(fns, budget: float = 4.0, most: int = 15) -> list:
+    """Fewest seconds of each of ``fns`` over up to ``most`` rounds or about ``budget``
+    seconds, each round calling every one once in turn (so that an evaluation and its
+    floor see the same machine; the minimum: neither should carry a busy moment)."""
+    times = [[] for _ in fns]
+    spent = 0.0
+    while len(times[0]) < most and (not times[0] or spent < budget):
+        for t, fn in zip(times, fns):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+            spent += t[-1]
+    return [min(t) for t in times]
+
+
+def eval_timings(fit) -> dict:
+    """One objective evaluation at θ̂ (the same call the optimizer makes), with the
+    gradient where the fit used it (L-BFGS-B), and for the blocked method its floor, in
+    ms: one dense Cholesky (``scipy.linalg.cholesky``) of a random SPD matrix the size D
+    of the dense block (``model.pls.xp.D``) plus one pass over the stored cross-products (a
+    copy of ``A22`` and of ``A21``) -- an evaluation has to factor that block and read
+    those.  All measured round by round, the fastest of up to 15 rounds each."""
     model, theta = fit.model, np.asarray(fit.theta, dtype=float)
-    out = {"eval_ms": 1000 * _best_time(lambda: model.objective(theta))}
+    fns = [lambda: model.objective(theta)]
     if fit.optsummary.optimizer == "lbfgs":
-        out["eval_grad_ms"] = 1000 * _best_time(lambda: model.objective_and_gradient(theta))
+        fns.append(lambda: model.objective_and_gradient(theta))
+    blocked = getattr(model, "method", None) == "blocked"
+    if blocked:
+        import scipy.linalg
+        xp = model.pls.xp
+        D = int(xp.D)
+        rng = np.random.default_rng(0)
+        S = rng.random((D, D))
+        S += S.T
+        S[np.diag_indices(D)] += 2.0 * D            # diagonally dominant: SPD
+        fns.append(lambda: scipy.linalg.cholesky(S, lower=True, check_finite=False))
+        fns.append(lambda: (xp.A22.copy(), xp.A21.copy()))
+    best = _best_times(fns)
+    out = {"eval_ms": 1000 * best[0]}
+    if fit.optsummary.optimizer == "lbfgs":
+        out["eval_grad_ms"] = 1000 * best[1]
+    if blocked:
+        chol, copy = best[-2:]
+        out.update({"D": D, "floor_chol_ms": 1000 * chol, "floor_copy_ms": 1000 * copy,
+                    "floor_ms": 1000 * (chol + copy),
+                    "A22_mb": xp.A22.nbytes / 2 ** 20, "A21_mb": xp.A21.nbytes / 2 ** 20})
     return out
-
-
-def _best_time(fn, budget: float = 2.0, most: int = 7) -> float:
-    """Fewest seconds of ``fn()`` over up to ``most`` calls or about ``budget`` seconds
-    (the minimum: a floor should not carry the noise of a busy machine)."""
-    times = []
-    while len(times) < most and (not times or sum(times) < budget):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def eval_floor(model) -> dict:
-    """A floor for one objective evaluation of the blocked method, in ms.
-
-    One dense Cholesky (``scipy.linalg.cholesky``) of a random SPD matrix the size D of the
-    dense block (``model.pls.xp.D``) plus one pass over the stored cross-products (a copy
-    of ``A22`` and of ``A21``): an evaluation has to factor that block and read those.
-    Each part is the fastest of up to 7 calls.  Only for ``method == "blocked"``; empty
-    otherwise.
-    """
-    if getattr(model, "method", None) != "blocked":
-        return {}
-    import scipy.linalg
-    xp = model.pls.xp
-    D = int(xp.D)
-    rng = np.random.default_rng(0)
-    S = rng.random((D, D))
-    S += S.T
-    S[np.diag_indices(D)] += 2.0 * D            # diagonally dominant: SPD
-    chol = _best_time(lambda S=S: scipy.linalg.cholesky(S, lower=True, check_finite=False))
-    del S
-    copy = _best_time(lambda: (xp.A22.copy(), xp.A21.copy()))
-    return {"D": D, "floor_chol_ms": 1000 * chol, "floor_copy_ms": 1000 * copy,
-            "floor_ms": 1000 * (chol + copy),
-            "A22_mb": xp.A22.nbytes / 2 ** 20, "A21_mb": xp.A21.nbytes / 2 ** 20}
 
 
 def fit_statsmodels(spec: dict, df: pd.DataFrame):
