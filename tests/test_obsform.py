@@ -87,15 +87,21 @@ def test_obs_form_gives_the_dense_factor(seed, n1, n2, reps, drop, which, reml):
         assert fb == pytest.approx(fa, rel=1e-11, abs=1e-9)
 
 
-@pytest.mark.parametrize("which", [0, 1, 4])
-def test_every_vector_copy_gives_the_dense_factor(which):
+MIXED_WIDTHS = "y ~ 1 + a*b*c + (1 + a*b*c | g1) + (1 + a*b | g2) + (1 + a*b*c | g3)"
+
+
+@pytest.mark.parametrize("which, n2, n3", [(0, 11, 6), (1, 11, 6), (4, 11, 6),
+                                           (MIXED_WIDTHS, 11, 6), (MIXED_WIDTHS, 9, 12)])
+def test_every_vector_copy_gives_the_dense_factor(which, n2, n3):
     """The kernels' copies for each vector width the CPU has (baseline: vectors of two
     doubles, what a CPU without AVX2 runs; AVX2 with FMA; AVX-512) give the same factor,
-    and the dense objective."""
+    and the dense objective; with an 8-wide and a 4-wide later term in either order, the
+    8 × 4 and 4 × 8 blocks' kernels too."""
     from lmmfast import _obsform
 
-    df = crossed_frame(8, 14, 11, 3, 2, 0.2)
-    model = LinearMixedModel(FORMULAS[which], df, REML=False, method="blocked")
+    df = crossed_frame(8, 14, n2, n3, 2, 0.2)
+    formula = which if isinstance(which, str) else FORMULAS[which]
+    model = LinearMixedModel(formula, df, REML=False, method="blocked")
     theta = random_theta(model, np.random.default_rng(2))
     _, obs = both_paths(model)
     Z = np.column_stack([t.Z().toarray() for t in model.terms])
