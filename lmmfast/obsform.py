@@ -14,10 +14,15 @@ import numpy as np
 __all__ = ["ObsData", "obs_form_pays", "panel_cost", "obs_cost", "checked_arrays"]
 
 # The observation form is taken where it is predicted at least this many times cheaper:
-# its multiply-adds run in small loops, the panel path's in BLAS's dsyrk, several times
-# faster each.  Measured (one thread, one evaluation, 2 cores of an AMD EPYC): predicted
-# 5.5x on kb07's design (56 x 32, two 8 x 8 terms) ran 1.56x faster; 1.8x on a 2 x 2
-# maximal design 1.19x faster; 3.0x with an 8-wide and a 4-wide term 0.78x (slower).
+# its multiply-adds run in small loops, the panel path's in BLAS's dsyrk, faster each;
+# and a fit's gradients (L-BFGS-B: one per evaluation) gain nothing from it -- where the
+# panel path downdates row by row, its gradient does too, faster than the observation
+# form's.  Measured on 45 crossed maximal designs (2 x 2, 2 x 2 x 2, an 8-wide term 1
+# with a 4-wide later term; 20-100 x 16-60 levels, 1, 2 or 4 observations per cell; one
+# thread, 2 cores of an AMD EPYC): one evaluation with its panels ran 1.20-2.6x faster
+# wherever predicted 1.8x or more, but whole fits only 0.73-1.10x (2 x 2 designs
+# predicted 1.8x: 0.73-1.07x) where predicted under 4; the 2 x 2 x 2 designs predicted
+# 5.3-5.5x fit 1.10-1.45x faster (kb07's 56 x 32: 0.22 against 0.32 s).
 GAIN = 4.0
 # Later terms must be this wide (the widths the blocks' vector kernels are written for:
 # 2 x 2 and 2 x 2 x 2 designs' terms); others would run in general loops, slower than BLAS.
