@@ -61,11 +61,14 @@ wall <- numeric(0); cpu <- numeric(0); warm_kept <- FALSE
 min_repeat <- if (is.null(spec$min_repeat$lme4)) 1 else spec$min_repeat$lme4
 warm <- 0
 warmup_time <- if (is.null(spec$warmup_time)) 0 else spec$warmup_time
+# one fit alive at a time: the last one is dropped before the next begins
 for (i in seq_len(if (warmup_time > 0) max(spec$warmup, 1) else spec$warmup)) {
+  r <- NULL; m <- NULL
   r <- one(); m <- r$m; warm <- warm + r$wall
   if (r$wall >= spec$budget) { wall <- r$wall; cpu <- r$cpu; warm_kept <- TRUE; break }
 }
 while (!warm_kept && warm < warmup_time) {   # short fits: warm up for warmup_time seconds
+  r <- NULL; m <- NULL
   r <- one(); m <- r$m; warm <- warm + r$wall
 }
 repeat {
@@ -73,6 +76,7 @@ repeat {
   if (length(wall) >= max(1, min_repeat) && enough) break
   elapsed <- as.numeric(difftime(Sys.time(), t_start, units = "secs"))
   if (length(wall) >= 1 && !is.null(spec$timeout) && elapsed + max(wall) > spec$timeout) break
+  r <- NULL; m <- NULL
   r <- one(); m <- r$m
   wall <- c(wall, r$wall); cpu <- c(cpu, r$cpu)
 }

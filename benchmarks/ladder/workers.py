@@ -292,9 +292,12 @@ def timed_fits(fit: Callable[[], object], nrepeat: int, budget: float, warmup: i
         print(f"{FITTED} {w1 - w0:.6f}", flush=True)
         return res, w1 - w0, c1 - c0
 
+    # one fit alive at a time: the last one is dropped before the next begins (kept, it
+    # would add a whole model to the next fit's peak memory)
     result = None
     warm = 0.0
     for i in range(max(warmup, 1) if warmup_time > 0 else warmup):
+        result = None
         result, w, c = one()
         warm += w
         if w >= budget:
@@ -304,6 +307,7 @@ def timed_fits(fit: Callable[[], object], nrepeat: int, budget: float, warmup: i
     # sub-millisecond fits run measurably slower: cold caches, Python's adaptive
     # interpreter specialising the code); one long fit is warm-up enough
     while not warm_kept and warm < warmup_time:
+        result = None
         result, w, c = one()
         warm += w
     while True:
@@ -313,6 +317,7 @@ def timed_fits(fit: Callable[[], object], nrepeat: int, budget: float, warmup: i
         if wall and timeout is not None and \
                 time.perf_counter() - t_start + max(wall) > timeout:
             break
+        result = None
         result, w, c = one()
         wall.append(w)
         cpu.append(c)
