@@ -243,7 +243,7 @@ cdef int update_blocked_core(
             groups = True
             break
     cdef bint fused = tptr != NULL and not groups and nheavy == 0 and nbatch == m1
-    lam_dense(A22, L22, D, nz, nz if fused else 0, rscale, rk, rtoff, Tflat, rbuf)
+    lam_dense(A22, L22, D, nz, nz if fused else 0, groups, rscale, rk, rtoff, Tflat, rbuf)
 
     for bi in range(nbatch):
         j0 = batch[bi]

@@ -250,20 +250,16 @@ cdef inline void lam_dense_groups(const double* A, double* L, Py_ssize_t D,
 
 
 cdef inline void lam_dense(const double* A, double* L, Py_ssize_t D, Py_ssize_t nz,
-                           Py_ssize_t r0, const double* rscale, const cnp.int64_t* rk,
-                           const cnp.int64_t* rtoff, const double* Tflat,
-                           double* tmp) noexcept nogil:
+                           Py_ssize_t r0, bint groups, const double* rscale,
+                           const cnp.int64_t* rk, const cnp.int64_t* rtoff,
+                           const double* Tflat, double* tmp) noexcept nogil:
     """L <- Λ' A Λ + I (the identity on the random-effects rows, nz of them) on the lower
     (block) triangle, all dpotrf reads: by units (:func:`lam_dense_groups`) where a
-    vector-valued term has its rows here, else row scales; with ``r0`` > 0 (no groups)
-    only rows r0.. and no identity below r0 (the caller writes those rows)."""
+    vector-valued term has its rows here (``groups``: some ``rk`` is not 1), else row
+    scales; with ``r0`` > 0 (no groups) only rows r0.. and no identity below r0 (the
+    caller writes those rows)."""
     cdef Py_ssize_t r, c
     cdef double s
-    cdef bint groups = False
-    for r in range(D):
-        if rk[r] != 1:
-            groups = True
-            break
     if groups:
         lam_dense_groups(A, L, D, rscale, rk, rtoff, Tflat, tmp)
     else:

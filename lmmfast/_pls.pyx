@@ -427,13 +427,17 @@ cdef class BlockedFactor:
         self.panels_stale = False
         if self.use_obs and info == 0:
             if panels:
-                obs_panels(self.m1, self.k1, &self.T1v[0, 0], &self.L11v[0, 0, 0],
-                           &self.indptr[0], self.D, &self.L21v[0, 0], &self.obsf, nthreads)
+                self._form_panels(nthreads)
             else:
                 self.panels_stale = True
         if self.blas_single:
             blas_restore_threads(saved)
         return info
+
+    cdef void _form_panels(self, int nthreads) noexcept nogil:
+        """The observation form's panel rows of the units (L21) for the current factor."""
+        obs_panels(self.m1, self.k1, &self.T1v[0, 0], &self.L11v[0, 0, 0], &self.indptr[0],
+                   self.D, &self.L21v[0, 0], &self.obsf, nthreads)
 
     def ensure_panels(self):
         """Form the panels (L21) of the current factor where an objective-only evaluation
@@ -442,8 +446,7 @@ cdef class BlockedFactor:
         if self.panels_stale:
             nthreads = self.last_nthreads if self.last_nthreads > 0 else 1
             with nogil:
-                obs_panels(self.m1, self.k1, &self.T1v[0, 0], &self.L11v[0, 0, 0],
-                           &self.indptr[0], self.D, &self.L21v[0, 0], &self.obsf, nthreads)
+                self._form_panels(nthreads)
             self.panels_stale = False
 
     cdef void _pieces(self, double* ldz, double* ldx, double* r2) noexcept nogil:
@@ -471,15 +474,20 @@ cdef class BlockedFactor:
             self.thv = self.theta
         return 0
 
-    cpdef int factor(self, const double[::1] theta) except? -99:
-        """Refactor Ω(θ) in place; 0 on success (else the kernel's info)."""
+    cdef int _refactor(self, const double[::1] theta, bint panels) except? -99:
+        """Size θ's buffer when needed, pick the threads and refactor (without the GIL);
+        the kernel's info (``panels``: see :meth:`_factor_ptr`)."""
         cdef int info, nthreads
         if self.theta is None or self.theta.shape[0] != theta.shape[0]:
             self._check_theta(theta.shape[0])
         nthreads = self._threads()
         with nogil:
-            info = self._factor_ptr(&theta[0] if theta.shape[0] else NULL, nthreads)
+            info = self._factor_ptr(&theta[0] if theta.shape[0] else NULL, nthreads, panels)
         return info
+
+    cpdef int factor(self, const double[::1] theta) except? -99:
+        """Refactor Ω(θ) in place; 0 on success (else the kernel's info)."""
+        return self._refactor(theta, True)
 
     cdef double _objective_ptr(self, const double* theta, bint reml) noexcept:
         """The objective at θ of the length checked by :meth:`objective_capsule`."""
@@ -512,13 +520,7 @@ cdef class BlockedFactor:
         """Profiled deviance (ML) or REML criterion at θ; +inf where Ω(θ) is not PD (the
         factor is left at θ; in the observation form without its panels until
         :meth:`ensure_panels`)."""
-        cdef int info, nthreads
-        if self.theta is None or self.theta.shape[0] != theta.shape[0]:
-            self._check_theta(theta.shape[0])
-        nthreads = self._threads()
-        with nogil:
-            info = self._factor_ptr(&theta[0] if theta.shape[0] else NULL, nthreads, False)
-        if info != 0:
+        if self._refactor(theta, False) != 0:
             return INFINITY
         return self._deviance(reml)
 
