@@ -309,7 +309,13 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
     objective (the next would gain about its square), left where it does not (a step that
     small is lost in the rounding of the objective's differences).  With an exact gradient
     such a step is not taken: θ is within ``stop`` of the model's minimum already, and the
-    factor stays at θ.  Where the damping passes
+    factor stays at θ.  It also stops after an undamped step that lowered the objective
+    by between half and twice its predicted decrease p, as did the step before it
+    (predicted p'), where p²/p' -- the next step's gain, were the decreases to shrink by
+    their last ratio (Newton's shrink faster) -- is at the rounding level max(10⁻⁹,
+    10⁻¹³ |f|): there, at the step's own evaluation, with no gradient or probes after it,
+    and the factor left at the estimate (InstEval: two evaluations or a gradient fewer).
+    Where the damping passes
     ``max_damping``, or after ``maxiter`` steps, ``fallback(θ) -> OptSummary`` continues from
     the best point (the caller passes BOBYQA).
 
@@ -336,9 +342,10 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
         g = np.asarray(gradient(), dtype=float) if gradient is not None else None
         H = np.asarray(information(), dtype=float)
     stale = False            # H from the previous point (exact gradient: see below)
-    it = 0
+    prev = None              # the last accepted undamped step's predicted decrease, where
+    it = 0                   # the objective fell by about as much
     probes = 2
-    while code == 0 or (code in (1, 3) and probes > 0):
+    while code == 0 or (code in (1, 3, 4) and probes > 0):
         if code:
             # converged: elements at their bound stay there only where the objective
             # rises just inside it (see the docstring)
@@ -358,7 +365,7 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
             if not np.array_equal(best[0], xp):
                 # the information (and the gradient) need the factor at the point kept
                 counter.record(best[0], fn(best[0]))
-            (x, fx), code, stale = best, 0, False
+            (x, fx), code, stale, prev = best, 0, False, None
             if gradient is not None:
                 g = np.asarray(gradient(), dtype=float)
             H = np.asarray(information(), dtype=float)
@@ -398,6 +405,16 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
                 fn_ = counter.record(xn, fn(xn))
                 better = fn_ < fx
                 if better:
+                    # the model held (the objective fell by about the predicted decrease,
+                    # here and at the step before): the decreases shrink by their ratio
+                    # or faster, so the next would gain about pred² / prev -- at the
+                    # objective's rounding, stop here, at this step's factor
+                    held = lam == 0.0 and 0.5 * pred <= fx - fn_ <= 2.0 * pred
+                    if held and prev is not None and \
+                            pred * pred / prev <= max(1e-9, 1e-13 * abs(fn_)):
+                        x, fx, code = xn, fn_, 4
+                        break
+                    prev = pred if held else None
                     x, fx = xn, fn_
                     if gradient is not None:
                         g = np.asarray(gradient(), dtype=float)
@@ -424,6 +441,7 @@ def minimize_newton(fn, information, x0, lower, *, gradient=None, delta=1e-2, st
     return _finish(summ, fn, counter, x, fx, lower, code,
                    {1: "CONVERGENCE: LAST STEP'S PREDICTED DECREASE BELOW STOP",
                     3: "CONVERGENCE: PREDICTED DECREASE AT ROUNDING LEVEL",
+                    4: "CONVERGENCE: NEXT STEP'S DECREASE EXTRAPOLATED TO ROUNDING LEVEL",
                     5: "MAXITER_REACHED", -1: "OBJECTIVE NOT FINITE",
                     -4: "DAMPING LIMIT: THE INFORMATION DOES NOT MODEL THE OBJECTIVE"}, t0)
 

@@ -264,6 +264,26 @@ def test_newton_exact_gradient_refreshes_the_information_to_go_on():
     assert len(infos) >= 3 and len(infos) <= opt.feval
 
 
+def test_newton_stops_where_the_next_gain_extrapolates_to_rounding():
+    """Two steps that each lowered the objective by about their predicted decrease, the
+    second's square over the first's at the rounding level: the steps stop right after
+    the second's evaluation (no probes after it: the last evaluation is the estimate, its
+    factor stays), at the minimum to 10⁻⁹."""
+    evals, last = [], {}
+
+    def f(x):
+        last["x"] = x.copy()
+        evals.append(x.copy())
+        return np.sum(np.cosh(x - 1.0)) + 0.1 * np.sum((x - 1.0) ** 3)
+
+    def info():
+        return np.diag(np.cosh(last["x"] - 1.0) + 0.6 * (last["x"] - 1.0))
+    opt = optsummary.minimize_newton(f, info, np.array([0.2, 1.9]), np.full(2, -np.inf))
+    assert opt.converged and "EXTRAPOLATED" in opt.returnvalue
+    np.testing.assert_array_equal(evals[-1], opt.final)
+    assert opt.fmin - 2.0 < 1e-9 and opt.feval == len(evals)
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_newton_stops_at_the_rounding_level(exact):
     """Noise of 10⁻⁹ on the objective: steps smaller than that are not chased (no damping
