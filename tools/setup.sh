@@ -59,7 +59,9 @@ VPY="$root/.venv/bin/python"
 case "$action" in
     example)
         "$VPY" -m pip install -q .
-        cd /tmp && exec "$VPY" -m lmmfast
+        # from an empty directory: the installed package, not the source tree, and no
+        # stray module of the working directory (a shared /tmp holds anything) shadowing one
+        cd "$(mktemp -d)" && exec "$VPY" -m lmmfast
         ;;
     test)
         "$VPY" -m pip install -q ".[test]"
