@@ -9,8 +9,10 @@ parallel region; on an idle machine this costs little, but beside other busy pro
 (models fitted in parallel workers) a fit slowed from 0.5 s to 13 s in about a third of
 the runs (InstEval, ``service*dept``, two busy loops on two cores).  Here the dense
 algebra of a factorization runs in OpenMP's pool alone: BLAS is called single-threaded
-on tiles (OpenBLAS's thread-local setting, ``openblas_set_num_threads_local``, since
-0.3.27), and the tiles are shared among OpenMP threads.  Alone, this is as fast as
+on tiles (``openblas_set_num_threads_local``, OpenBLAS 0.3.27 and later: thread-local in
+its OpenMP builds, process-wide in its pthreads builds -- the wheels', Debian's -- where
+the first of the sections open at once sets it and the last gives it back), and the
+tiles are shared among OpenMP threads.  Alone, this is as fast as
 OpenBLAS's threaded ``dpotrf`` on large blocks (4,003: rung 5 of the ladder) and about
 10 % slower on middling ones (1,157), which ``_pls`` therefore leaves to LAPACK unless
 asked (see ``lmmfast.threads``).
@@ -25,43 +27,91 @@ from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport dgemm, dsyrk, dtrsm
 from scipy.linalg.cython_lapack cimport dpotrf
 
+from cpython.pythread cimport (PyThread_acquire_lock, PyThread_allocate_lock,
+                               PyThread_release_lock, PyThread_type_lock, WAIT_LOCK)
+
 ctypedef int (*local_threads_fn)(int) noexcept nogil
 
 cdef local_threads_fn _setters[MAX_BLAS_SETTERS]
+cdef bint _shared[MAX_BLAS_SETTERS]       # the setter acts on the whole process
 cdef int _nsetters = 0
+cdef int _nshared = 0
+# Process-wide setters (OpenBLAS's pthreads builds: the "thread-local" setter calls
+# openblas_set_num_threads) are set to 1 by the first section to enter and given back by
+# the last to leave, under a lock: set and given back by each thread, two fits on two
+# threads would interleave (the second saves the first's 1) and leave BLAS on one thread
+# for good, for everything else in the process too.
+cdef PyThread_type_lock _lock = PyThread_allocate_lock()
+cdef int _holders = 0
+cdef int _shared_saved[MAX_BLAS_SETTERS]
 
 
-def register_blas_setters(addresses):
-    """Register the addresses of the BLAS libraries' ``int f(int)`` thread-local setters
-    (``openblas_set_num_threads_local``: sets the calling thread's BLAS threads, returns
-    the previous setting); replaces earlier registrations.  Returns how many are kept."""
-    global _nsetters
+def register_blas_setters(addresses, shared=None):
+    """Register the addresses of the BLAS libraries' ``int f(int)`` thread setters
+    (``openblas_set_num_threads_local``: sets the BLAS threads, returns the previous
+    setting); replaces earlier registrations.  ``shared[i]`` (default False) says that
+    setter i acts on the whole process, not the calling thread alone (OpenBLAS built with
+    pthreads rather than OpenMP).  Returns how many are kept."""
+    global _nsetters, _nshared, _holders
     cdef Py_ssize_t a
     addrs = [int(x) for x in addresses][:MAX_BLAS_SETTERS]
-    _nsetters = 0
+    flags = [False] * len(addrs) if shared is None else [bool(f) for f in shared]
+    if len(flags) < len(addrs):
+        raise ValueError("shared needs one flag per setter address")
     for a in addrs:
         if a == 0:
             raise ValueError("a BLAS thread setter address must not be NULL")
+    PyThread_acquire_lock(_lock, WAIT_LOCK)
+    _nsetters = 0
+    _nshared = 0
+    _holders = 0
+    for a, f in zip(addrs, flags):
         _setters[_nsetters] = <local_threads_fn><void*>a
+        _shared[_nsetters] = f
+        _nshared += f
         _nsetters += 1
+    PyThread_release_lock(_lock)
     return _nsetters
 
 
 cdef int blas_single_thread(int* saved) noexcept nogil:
-    """BLAS on the calling thread alone (each registered library); the previous settings go
-    to ``saved`` (MAX_BLAS_SETTERS ints).  Returns the number of libraries set (0: none
-    registered, BLAS threads as they were)."""
+    """BLAS on one thread for the calling thread's next calls (each registered library);
+    the previous settings of thread-local setters go to ``saved`` (MAX_BLAS_SETTERS ints),
+    process-wide ones are set by the first of the sections open at once (see
+    ``_holders``).  Returns the number of libraries set (0: none registered, BLAS threads
+    as they were).  Every call is paired with :func:`blas_restore_threads`."""
+    global _holders
     cdef int i
     for i in range(_nsetters):
-        saved[i] = _setters[i](1)
+        if not _shared[i]:
+            saved[i] = _setters[i](1)
+    if _nshared:
+        PyThread_acquire_lock(_lock, WAIT_LOCK)
+        if _holders == 0:
+            for i in range(_nsetters):
+                if _shared[i]:
+                    _shared_saved[i] = _setters[i](1)
+        _holders += 1
+        PyThread_release_lock(_lock)
     return _nsetters
 
 
 cdef void blas_restore_threads(const int* saved) noexcept nogil:
-    """Undo :func:`blas_single_thread`."""
+    """Undo :func:`blas_single_thread` (process-wide setters: when the last open section
+    ends)."""
+    global _holders
     cdef int i
     for i in range(_nsetters):
-        _setters[i](saved[i])
+        if not _shared[i]:
+            _setters[i](saved[i])
+    if _nshared:
+        PyThread_acquire_lock(_lock, WAIT_LOCK)
+        _holders -= 1
+        if _holders == 0:
+            for i in range(_nsetters):
+                if _shared[i]:
+                    _setters[i](_shared_saved[i])
+        PyThread_release_lock(_lock)
 
 
 cdef void syrk_cols(double* C, Py_ssize_t ldc, Py_ssize_t j0, Py_ssize_t j1,

@@ -162,7 +162,7 @@ def recording_setter():
     try:
         yield calls, state
     finally:
-        _chol.register_blas_setters(threads.setter_addresses())
+        _chol.register_blas_setters(*threads.blas_setters())
 
 
 def test_blas_runs_on_one_thread_during_a_factorization_and_is_given_back(monkeypatch,
@@ -202,6 +202,87 @@ def test_small_dense_block_runs_blas_on_one_thread(monkeypatch, recording_setter
     assert pls.factor(model.theta_start) == 0
     main = threading.get_ident()
     assert calls[0] == (main, 1) and calls[-1] == (main, 0) and state[main] == 0
+
+
+@pytest.fixture
+def process_wide_setter():
+    """A stand-in for OpenBLAS's setter in its pthreads builds: one count for the whole
+    process, whichever thread sets it; the real setters are registered again afterwards."""
+    state = {"n": 5, "calls": 0}
+    lock = threading.Lock()
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+    def setter(n):
+        with lock:
+            prev, state["n"] = state["n"], n
+            state["calls"] += 1
+            return prev
+
+    _chol.register_blas_setters([ctypes.cast(setter, ctypes.c_void_p).value], [True])
+    try:
+        yield state
+    finally:
+        _chol.register_blas_setters(*threads.blas_setters())
+
+
+def test_factorizations_on_two_threads_give_a_process_wide_setting_back(monkeypatch,
+                                                                       process_wide_setter):
+    """With a process-wide setter, factorizations running at once on two threads (each
+    with BLAS on one thread) leave the process's count as it was: set once by the first
+    to start, given back by the last to end (each thread saving and giving back its own
+    would leave 1 behind whenever the two interleave)."""
+    state = process_wide_setter
+    model = crossed_model("y ~ 1 + x + (1|g1) + (1|g2)", n=3000, n1=40, n2=25)
+    monkeypatch.setattr(threads, "_registered", 1)
+    plss = [BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets))
+            for _ in range(2)]
+    assert all(p._f.blas_single for p in plss)
+    barrier = threading.Barrier(2)
+    seen = []
+
+    def work(pls):
+        barrier.wait()
+        for i in range(200):
+            assert pls.factor(model.theta_start * (1.0 + 0.01 * (i % 5))) == 0
+            seen.append(state["n"])
+
+    ts = [threading.Thread(target=work, args=(p,)) for p in plss]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(seen) == 400
+    assert state["n"] == 5
+    assert state["calls"] >= 2 and state["calls"] % 2 == 0
+
+
+def test_fits_on_two_threads_leave_blas_threads_as_they_were():
+    """The real libraries: fits on two threads at once (a small dense block, BLAS on one
+    thread in each factorization) leave every OpenBLAS library's thread count as it was."""
+    from threadpoolctl import ThreadpoolController
+
+    if not threads.register():
+        pytest.skip("needs OpenBLAS's thread setter")
+    df, _ = lmmfast.simulate.crossed(3000, 40, 25, slope=False, seed=5)
+    libs = [lib for lib in ThreadpoolController().lib_controllers
+            if lib.internal_api == "openblas"]
+    before = [lib.num_threads for lib in libs]
+    errors = []
+
+    def work():
+        try:
+            for _ in range(15):
+                lmmfast.lmer("y ~ 1 + x + (1|g1) + (1|g2)", df)
+        except Exception as e:                       # pragma: no cover (reported below)
+            errors.append(e)
+
+    ts = [threading.Thread(target=work) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    assert [lib.num_threads for lib in libs] == before
 
 
 def test_import_leaves_the_environment_as_it_was(tmp_path):
