@@ -50,6 +50,10 @@ class BlockedCrossprod:
         a D² rank-k update does.
     xy_gram : (p + 1, p + 1) array, optional
         [X y]'[X y] when already formed (:func:`lmmfast.fixed.xy_gram`).
+    cells : (cell, Xc), optional
+        X's cells when X is a design of factors (:func:`lmmfast.fixed.design`: row i of X
+        is row ``cell[i]`` of ``Xc``): the per-level sums [X y]'Z_i then come from counts
+        per (level, cell) (:func:`level_xy_sums_cells`).
     obs : bool, optional
         Factor term 1's levels from their observations (:mod:`lmmfast.obsform`: kept in
         ``self.obs``; no batches, heavy levels or transposed pattern then).  Default:
@@ -57,7 +61,7 @@ class BlockedCrossprod:
     """
 
     def __init__(self, terms, X, y, theta_offsets, transposed=None, heavy_rows=None,
-                 xy_gram=None, obs=None):
+                 xy_gram=None, obs=None, cells=None):
         t1, rest = terms[0], terms[1:]
         n, p = X.shape
         self.m1, self.k1 = t1.nlevels, t1.k
@@ -81,8 +85,9 @@ class BlockedCrossprod:
             self.A11 = t1.level_gram()
             X = np.ascontiguousarray(X, dtype=np.float64)
             y = np.ascontiguousarray(y, dtype=np.float64)
-            self.A22 = self._dense_block(rest, offs, X, y, nz, D, xy_gram)
-            self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, X, y, nz, D)
+            self.A22 = self._dense_block(rest, offs, X, y, nz, D, xy_gram, cells)
+            self.indptr, self.rows, self.A21 = self._coupling(t1, rest, offs, X, y, nz, D,
+                                                              cells)
         self.batch = panel_batches(self.indptr, self.rows)
         if obs is None:
             obs = obs_form_pays(t1, rest, D, p + 1, self.indptr, self.batch)
@@ -171,7 +176,7 @@ class BlockedCrossprod:
                                R, V, D)
 
     @staticmethod
-    def _dense_block(rest, offs, X, y, nz, D, xy_gram=None):
+    def _dense_block(rest, offs, X, y, nz, D, xy_gram=None, cells=None):
         """A22 = [Z_rest X y]'[Z_rest X y], block by block from level codes (no n×q matrix);
         ``xy_gram``: its [X y]'[X y] corner when already formed (``fixed.xy_gram``)."""
         A22 = np.zeros((D, D))
@@ -183,7 +188,7 @@ class BlockedCrossprod:
                 for b in range(a + 1):
                     A22[start + a, start + b] = weighted_counts(ti.codes, mi, ti.column(a),
                                                                 ti.column(b))
-            S = level_xy_sums(ti.codes, mi, _z(ti), X, y)    # [X y]'Z_i: (mi, p + 1, ki)
+            S = level_xy_sums_cells(ti.codes, mi, _z(ti), X, y, cells)   # (mi, p + 1, ki)
             for a in range(ki):
                 A22[nz:, start + a] = S[:, :, a].T
             for tl, ol in zip(rest[i + 1:], offs[i + 1:]):   # Z_l'Z_i, later terms l
@@ -196,7 +201,7 @@ class BlockedCrossprod:
         return A22
 
     @staticmethod
-    def _coupling(t1, rest, offs, X, y, nz, D):
+    def _coupling(t1, rest, offs, X, y, nz, D, cells=None):
         """A21 = [Z_rest X y]'Z1 block-sparse: (indptr, rows, panels), rows ascending per level.
 
         Level j of term 1 touches every row of each level of term i that shares an
@@ -217,7 +222,7 @@ class BlockedCrossprod:
             rws.append(oi + li if k == 1 else (oi + li[:, None] * k + np.arange(k)).ravel())
             vals.append(cols[0] if k == 1 else np.stack(cols, axis=1).reshape(-1, k1))
         nxy = X.shape[1] + 1
-        W = level_xy_sums(t1.codes, m1, _z(t1), X, y)          # (m1, p + 1, k1)
+        W = level_xy_sums_cells(t1.codes, m1, _z(t1), X, y, cells)     # (m1, p + 1, k1)
         lev.append(np.repeat(np.arange(m1, dtype=np.int64), nxy))
         rws.append(np.tile(nz + np.arange(nxy, dtype=np.int64), m1))
         vals.append(W.reshape(-1, k1))
@@ -242,6 +247,45 @@ class BlockedCrossprod:
     def nbytes(self) -> int:
         return (sum(a.nbytes for a in (self.A11, self.A21, self.A22, self.rows, self.indptr))
                 + (self.obs.nbytes if self.obs is not None else 0))
+
+
+# The per-level sums go through counts per (level, cell) while there are at most this many
+# (level, cell) pairs per row: a count matrix of at most 32 bytes a row, and a product
+# with the cells' matrix by BLAS in place of a scattered pass over n × (p + 1).
+CELL_PAIRS_PER_ROW = 4
+
+
+def level_xy_sums_cells(codes, m, Z, X, y, cells=None):
+    """[X y]'Z per level of a term, as :func:`lmmfast._remat.level_xy_sums` (its
+    ``(m, p + 1, k)`` array), through X's cells where they are given and few enough.
+
+    With ``cells = (cell, Xc)`` (X = Xc taken by cell), level j's X part is
+    Σ_c N_b[j, c] Xc[c, :], N_b[j, c] = Σ_{i: codes[i] = j, cell[i] = c} Z[i, b]: one count
+    per row and a product of N_b (m × cells) with Xc, where the direct pass scatters
+    every row's p + 1 values; the y part is one weighted count.  Sums in another order:
+    equal to rounding."""
+    if cells is None or X.shape[1] == 0:
+        return level_xy_sums(codes, m, Z, X, y)
+    cell, Xc = cells
+    nc = Xc.shape[0]
+    n = len(codes)
+    if m * nc > CELL_PAIRS_PER_ROW * max(n, 1):
+        return level_xy_sums(codes, m, Z, X, y)
+    from scipy.linalg.blas import dgemm
+
+    p = Xc.shape[1]
+    k = 1 if Z is None else Z.shape[1]
+    key = codes * nc + cell
+    Xcf = np.asfortranarray(Xc, dtype=np.float64)
+    out = np.empty((m, p + 1, k))
+    for b in range(k):
+        w = None if Z is None else Z[:, b]
+        N = np.bincount(key, weights=w, minlength=m * nc).astype(np.float64).reshape(m, nc)
+        # by scipy's BLAS, the factorization's (numpy's would leave its own threads
+        # spinning against the first evaluations; see fixed.xy_gram)
+        out[:, :p, b] = dgemm(1.0, N.T, Xcf, trans_a=1) if m and nc else 0.0
+        out[:, p, b] = np.bincount(codes, weights=y if w is None else y * w, minlength=m)
+    return out
 
 
 def _z(t):

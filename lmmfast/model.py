@@ -90,8 +90,9 @@ class LinearMixedModel:
         if method == "cholmod":
             self.pls = SparsePLS(self.terms, self.X, self.y, offs)
         else:
+            kept = None if cells is None else (cells[0], cells[1][:, self._xkeep])
             self.pls = BlockedPLS(BlockedCrossprod(self.terms, self.X, self.y, offs,
-                                                   xy_gram=self.xy_gram))
+                                                   xy_gram=self.xy_gram, cells=kept))
         for t in self.terms:
             t.forget_pairs()
 

@@ -180,6 +180,26 @@ def test_level_refit_rejects_bad_input():
         _remat.level_refit(codes, 3, np.ones((2, 1)), r, np.ones((3, 1, 1)))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 15), st.integers(1, 12), st.integers(0, 4),
+       st.integers(0, 3), st.integers(0, 2**31 - 1))
+def test_level_xy_sums_through_cells_match_bincounts(n, m, nc, p, k, seed):
+    """The sums through X's cells (counts per level and cell, times the cells' matrix),
+    also where there are too many (level, cell) pairs and the direct pass runs."""
+    from lmmfast.blocks import level_xy_sums_cells
+
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, m, n)
+    cell = rng.integers(0, nc, n)
+    Xc = rng.normal(size=(nc, p))
+    X = np.ascontiguousarray(Xc[cell]) if n else np.zeros((0, p))
+    y = rng.normal(size=n)
+    Z = None if k == 0 else np.ascontiguousarray(rng.normal(size=(n, k)))
+    want = _remat.level_xy_sums_reference(codes, m, Z, X, y)
+    np.testing.assert_allclose(level_xy_sums_cells(codes, m, Z, X, y, (cell, Xc)), want,
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_level_xy_sums_rejects_bad_input():
     codes = np.array([0, 1, 2], dtype=np.int64)
     X, y = np.ones((3, 2)), np.ones(3)
