@@ -18,7 +18,8 @@ cdef int update_blocked_core(
         const cnp.int32_t* rows32, double* acc, double* wxy, const cnp.int64_t* heavy, Py_ssize_t nheavy,
         const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads,
         double* rbuf, int chol_threads=*, Py_ssize_t tile=*,
-        const ObsForm* obs=*) noexcept nogil
+        const ObsForm* obs=*, const cnp.int64_t* lptr=*,
+        const cnp.int32_t* lcol=*) noexcept nogil
 
 cdef Py_ssize_t batched_width(const cnp.int64_t* batch, Py_ssize_t nbatch,
                               const cnp.int64_t* indptr, Py_ssize_t k1) noexcept nogil

@@ -50,7 +50,8 @@ cdef void transposed_downdate(
         double* L22, Py_ssize_t D, Py_ssize_t nrow, Py_ssize_t k1,
         const cnp.int32_t* rows, const double* L21, const cnp.int64_t* tptr,
         const cnp.int64_t* tidx, const cnp.int64_t* tstart, Py_ssize_t ntrans,
-        double* acc_all, int nthreads, const double* A22, const double* rscale) noexcept nogil:
+        double* acc_all, int nthreads, const double* A22, const double* rscale,
+        const cnp.int64_t* lptr=NULL, const cnp.int32_t* lcol=NULL) noexcept nogil:
     """The single-level downdates row by row of L22's first ``nrow`` rows (the transposed
     pattern, which holds only the levels downdated this way: neither batched nor heavy
     ones; the X/y rows are :func:`xy_accumulate`'s).
@@ -68,7 +69,10 @@ cdef void transposed_downdate(
     With ``A22`` (not NULL) the rows are also initialised here, in the same pass:
     L22[r, u] = A22[r, u] rscale[r] rscale[u] + [u == r] − acc[u], the same sums in the same
     order as the separate scaled copy it replaces (one read and write of the triangle
-    less, and shared among the threads)."""
+    less, and shared among the threads).  With ``lptr``/``lcol`` (CSR: the columns u < r
+    where A22[r, u] is not zero, per random-effects row r) A22 is read there alone: the
+    random-effects rows of A22 are Z_rest'Z_rest, diagonal for one later scalar term, and
+    reading the whole triangle of zeros cost a third of the pass (InstEval)."""
     cdef Py_ssize_t r, u, t, p0, p1, kk, c, ta
     cdef double s, vv, sr
     cdef double* acc
@@ -96,8 +100,15 @@ cdef void transposed_downdate(
                     acc[rows[kk]] += s
         if A22 != NULL:
             sr = rscale[r]
-            for u in range(r):
-                L22[r * D + u] = A22[r * D + u] * sr * rscale[u] - acc[u]
+            if lptr != NULL:
+                for u in range(r):
+                    L22[r * D + u] = -acc[u]
+                for kk in range(lptr[r], lptr[r + 1]):
+                    u = lcol[kk]
+                    L22[r * D + u] = A22[r * D + u] * sr * rscale[u] - acc[u]
+            else:
+                for u in range(r):
+                    L22[r * D + u] = A22[r * D + u] * sr * rscale[u] - acc[u]
             L22[r * D + r] = (A22[r * D + r] * sr * sr + 1.0) - acc[r]
         else:
             for u in range(r + 1):
@@ -196,7 +207,8 @@ cdef int update_blocked_core(
         const cnp.int32_t* rows32, double* acc, double* wxy, const cnp.int64_t* heavy, Py_ssize_t nheavy,
         const char* hflag, double* hbuf, Py_ssize_t hchunk, int nthreads,
         double* rbuf, int chol_threads=1, Py_ssize_t tile=0,
-        const ObsForm* obs=NULL) noexcept nogil:
+        const ObsForm* obs=NULL, const cnp.int64_t* lptr=NULL,
+        const cnp.int32_t* lcol=NULL) noexcept nogil:
     """One factorization (see :func:`update_blocked`).  With the transposed pattern
     (``tptr``), ``tstart`` is where each entry's panel starts (``indptr[tlev]``),
     ``rows32`` is ``rows`` as int32 and ``wxy`` holds (D - nz) × D scratch doubles for the
@@ -208,7 +220,9 @@ cdef int update_blocked_core(
     With ``obs`` (not NULL) the levels of term 1 are factored and downdated from their
     observations (:func:`lmmfast._obsform.obs_update`; no batches, heavy levels or
     transposed pattern then), and the panels' rows of the units are not formed
-    (:func:`lmmfast._obsform.obs_panels` forms them)."""
+    (:func:`lmmfast._obsform.obs_panels` forms them).  ``lptr``/``lcol``: the nonzero
+    pattern of the random-effects rows' lower triangle of A22, for the transposed
+    downdate (see :func:`transposed_downdate`)."""
     cdef Py_ssize_t j, a, b, c, t, u, r, kk, p0, p1, nr, bi, j0, j1, K, h0, h1
     cdef Py_ssize_t nxy = D - nz
     cdef int k_i, ld_i
@@ -366,7 +380,7 @@ cdef int update_blocked_core(
 
     if tptr != NULL:
         transposed_downdate(L22, D, nz, k1, rows32, L21, tptr, tidx, tstart, tptr[nz], acc,
-                            nthreads, A22 if fused else NULL, rscale)
+                            nthreads, A22 if fused else NULL, rscale, lptr, lcol)
         for c in range(nz):                  # the X/y rows: W is (nz × nxy), then XX
             for a in range(nxy):
                 L22[(nz + a) * D + c] -= wxy[c * nxy + a]

@@ -129,6 +129,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _lower_pattern_ok(ptr, cols, Py_ssize_t nz):
+    """A CSR pattern of strictly lower columns per row: pointers ascending from 0 to
+    len(cols), and every column of row r in [0, r)."""
+    ptr = np.asarray(ptr)
+    cols = np.asarray(cols)
+    if ptr[0] != 0 or ptr[-1] != len(cols) or np.any(np.diff(ptr) < 0):
+        return False
+    r = np.repeat(np.arange(nz), np.diff(ptr))
+    return bool(np.all((cols >= 0) & (cols < r)))
+
+
 def _thread_request():
     """``LMMFAST_NUM_THREADS`` as a number of threads (at least 1), None when unset: the one
     place that reads it."""
@@ -189,6 +200,9 @@ cdef class BlockedFactor:
     cdef const cnp.int32_t[::1] rows32
     cdef const cnp.int64_t[::1] tstart
     cdef readonly object rows32_arr, tstart_arr
+    cdef readonly object lptr_arr, lcol_arr     # A22's random-effects lower pattern (or None)
+    cdef const cnp.int64_t[::1] lptr
+    cdef const cnp.int32_t[::1] lcol
     cdef double[::1] accv, wxyv
     cdef object acc, wxy
     cdef bint transposed
@@ -276,6 +290,17 @@ cdef class BlockedFactor:
             if np.any(ip[lv + 1] - ip[lv] < nxy) or not np.array_equal(
                     tail, np.broadcast_to(self.nz + np.arange(nxy), tail.shape)):
                 raise ValueError("every panel must end with the X/y rows of the dense block")
+            # the transposed downdate, where it writes the random-effects rows itself
+            # (scalar later terms, no batched or heavy levels), reads A22 at its nonzeros
+            fused = (np.all(np.asarray(xp.rk) == 1) and len(self.heavy_arr) == 0
+                     and self.nbatch == self.m1)
+            pattern = getattr(xp, "re_lower_pattern", lambda: None)() if fused else None
+            if pattern is not None:
+                self.lptr_arr, self.lcol_arr = pattern
+                if len(self.lptr_arr) != self.nz + 1 or not _lower_pattern_ok(
+                        self.lptr_arr, self.lcol_arr, self.nz):
+                    raise ValueError("the lower pattern of A22 does not fit its rows")
+                self.lptr, self.lcol = self.lptr_arr, self.lcol_arr
             # threads only where the row-wise downdate is big enough to pay for waking them
             # (under ~10⁷ updates it is a few ms; idle OpenMP threads then spin against
             # OpenBLAS's and make every evaluation slower)
@@ -423,7 +448,9 @@ cdef class BlockedFactor:
             &self.heavyv[0] if self.nheavy else NULL, self.nheavy,
             &self.hflagv[0] if self.nheavy else NULL, &self.hbufv[0], self.hchunk,
             nthreads, &self.rbufv[0], self.last_chol_threads, self.tile,
-            &self.obsf if self.use_obs else NULL)
+            &self.obsf if self.use_obs else NULL,
+            &self.lptr[0] if self.lptr_arr is not None else NULL,
+            &self.lcol[0] if self.lptr_arr is not None and self.lcol.shape[0] else NULL)
         self.panels_stale = False
         if self.use_obs and info == 0:
             if panels:

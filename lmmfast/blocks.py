@@ -149,6 +149,7 @@ class BlockedCrossprod:
         self.rs_index = rs_index
         self.tflat_index = np.asarray(tflat_index, dtype=np.int64)
         self.t1_index = np.asarray(_tril_map(self.k1, theta_offsets[0]), dtype=np.int64)
+        self._re_block = None         # re_block(): (computed, CSR or None)
         if self.obs is not None:
             self.obs.lam, self.obs.assign = self.obs.lam_plan(self.A22, self.rk, D)
 
@@ -243,11 +244,82 @@ class BlockedCrossprod:
             before += cnt
         return indptr, rows, A21
 
+    def re_block(self):
+        """A22's random-effects block Z_rest'Z_rest (nz × nz, symmetric) as a
+        ``scipy.sparse.csr_matrix``, or None where more than :data:`RE_SPARSE_MAX` of it is
+        nonzero.  One pass over the block, on first use (it is diagonal for one later
+        scalar term, and has the level pairs' counts off the diagonal for several)."""
+        if self._re_block is not None:
+            return self._re_block[0]
+        import scipy.sparse as sp
+
+        nz = self.nz
+        out = None
+        if nz:
+            A = self.A22
+            step = max(1, 2 ** 20 // nz)               # rows per scan: ~1 M entries
+            rs, cs = [], []
+            total, limit = 0, RE_SPARSE_MAX * nz * nz
+            for r0 in range(0, nz, step):
+                r, c = np.nonzero(A[r0: min(r0 + step, nz), :nz])
+                total += len(r)
+                if total > limit:
+                    break
+                rs.append(r + r0)
+                cs.append(c)
+            else:
+                r = np.concatenate(rs)
+                c = np.concatenate(cs)
+                indptr = np.zeros(nz + 1, dtype=np.int64)
+                np.cumsum(np.bincount(r, minlength=nz), out=indptr[1:])
+                out = sp.csr_matrix((A[r, c], c.astype(np.int32), indptr), shape=(nz, nz))
+        self._re_block = (out,)
+        return out
+
+    def re_lower_pattern(self):
+        """(ptr, cols) of the random-effects rows' strictly lower nonzeros of A22 (CSR, int64
+        pointers and int32 columns), or None where :meth:`re_block` is None."""
+        B = self.re_block()
+        if B is None:
+            return None
+        r = np.repeat(np.arange(self.nz, dtype=np.int64), np.diff(B.indptr))
+        keep = B.indices < r
+        ptr = np.zeros(self.nz + 1, dtype=np.int64)
+        np.cumsum(np.bincount(r[keep], minlength=self.nz), out=ptr[1:])
+        return ptr, np.ascontiguousarray(B.indices[keep], dtype=np.int32)
+
+    def dense_times(self, V):
+        """A22 @ V (V: (D,) or (D, K)) by the blocks: the random-effects block sparse where
+        :meth:`re_block` is, the X/y rows dense (scipy's BLAS, the factorization's: numpy's
+        OpenBLAS would leave its threads spinning against the next evaluation)."""
+        from scipy.linalg.blas import dgemm, dgemv
+
+        V = np.asarray(V, dtype=np.float64)
+        nz, D = self.nz, self.D
+        B = self.re_block() if nz else None
+        vec = V.ndim == 1
+        Vm = V[:, None] if vec else V
+        if D == 0 or Vm.shape[1] == 0:
+            return np.zeros(V.shape)
+        if B is None:
+            out = dgemm(1.0, self.A22.T, Vm, trans_a=1)     # symmetric: row-major is A22'
+        else:
+            Axy = self.A22[nz:]                               # the X/y rows, (D - nz) × D
+            out = np.empty((D, Vm.shape[1]))
+            out[nz:] = dgemm(1.0, Axy.T, Vm, trans_a=1)
+            out[:nz] = B @ Vm[:nz]
+            out[:nz] += dgemm(1.0, Axy[:, :nz], np.asfortranarray(Vm[nz:]), trans_a=1)
+        return out[:, 0] if vec else out
+
     @property
     def nbytes(self) -> int:
         return (sum(a.nbytes for a in (self.A11, self.A21, self.A22, self.rows, self.indptr))
                 + (self.obs.nbytes if self.obs is not None else 0))
 
+
+# A22's random-effects block is used sparse (the transposed downdate's reads, products
+# with it) while at most this fraction of it is nonzero.
+RE_SPARSE_MAX = 0.25
 
 # The per-level sums go through counts per (level, cell) while there are at most this many
 # (level, cell) pairs per row: a count matrix of at most 32 bytes a row, and a product

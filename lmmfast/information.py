@@ -114,7 +114,7 @@ def average_information(pls, reml: bool) -> np.ndarray:
         col += Ki
     G1 = np.einsum("jab,jbt->jat", xp.A11, V1)
     G1 += panel_dot_many(xp.indptr, xp.rows, xp.A21, Vr)
-    Gr = _mm(xp.A22[:nz, :].T, Vr[:nz])            # A22 symmetric: column-major, no copy
+    Gr = xp.dense_times(Vr)                         # Vr is zero below the nz rows
     Gr += panel_scatter_many(xp.indptr, xp.rows, xp.A21, V1, D)
     # v_j'Z'Z v_k
     G = np.einsum("jat,jas->ts", V1, G1) + _mm(Vr[:nz].T, Gr[:nz])

@@ -553,3 +553,83 @@ def test_row_wise_pattern_must_leave_out_heavy_and_batched_levels():
     xp.tptr = np.concatenate([[0], np.cumsum(np.bincount(xp.rows, minlength=xp.D))]).astype(np.int64)
     with pytest.raises(ValueError, match="transposed pattern"):
         BlockedPLS(xp)
+
+
+def _three_crossed_factors():
+    import lmmfast
+
+    df, _ = lmmfast.simulate.crossed(3000, 150, 40, slope=True, seed=3)
+    # each g2 level meets about three of g3's 60: a sparse block of pair counts
+    g2 = pd.factorize(df["g2"])[0]
+    near = np.random.default_rng(5).integers(0, 3, len(df))
+    df["g3"] = ((g2 * 7 + near) % 60).astype(str)
+    return LinearMixedModel("y ~ 1 + x + (1|g1) + (1|g2) + (1|g3)", df, REML=True,
+                            method="blocked")
+
+
+def test_random_effects_block_of_a22_sparse_and_its_lower_pattern():
+    """A22's random-effects block (the later terms' Z'Z: their diagonals and, between two
+    crossed terms, the level pairs' counts) as a sparse matrix, and the strictly lower
+    pattern the transposed downdate reads, against numpy on the dense block."""
+    model = _three_crossed_factors()
+    xp = BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets, transposed=True)
+    nz = xp.nz
+    dense = xp.A22[:nz, :nz]
+    B = xp.re_block()
+    assert B is not None and B.nnz < nz * nz / 4
+    np.testing.assert_array_equal(B.toarray(), dense)
+    ptr, cols = xp.re_lower_pattern()
+    r, c = np.nonzero(np.tril(dense, -1))
+    assert np.array_equal(np.repeat(np.arange(nz), np.diff(ptr)), r)
+    assert np.array_equal(cols, c) and len(c) > 0
+
+
+@pytest.mark.parametrize("sparse_max", [0.25, 0.0])
+def test_products_with_a22_by_blocks_equal_numpy(monkeypatch, sparse_max):
+    """A22 @ V through the sparse random-effects block and the dense X/y rows (and, where
+    the block counts as dense, by one product) equals numpy's, for a vector and a matrix."""
+    from lmmfast import blocks
+
+    monkeypatch.setattr(blocks, "RE_SPARSE_MAX", sparse_max)
+    model = _three_crossed_factors()
+    xp = BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets, transposed=True)
+    assert (xp.re_block() is None) == (sparse_max == 0.0)
+    rng = np.random.default_rng(2)
+    v = rng.normal(size=xp.D)
+    V = rng.normal(size=(xp.D, 3))
+    np.testing.assert_allclose(xp.dense_times(v), xp.A22 @ v, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(xp.dense_times(V), xp.A22 @ V, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("sparse_max", [0.25, 0.0])
+def test_transposed_downdate_reading_a22_at_its_nonzeros_equals_dense(monkeypatch, sparse_max):
+    """The transposed downdate writes the random-effects rows from A22's nonzeros only
+    (three crossed factors: pair counts off the diagonal) or, where the block counts as
+    dense, from whole rows; the same factor either way, and the dense oracle's objective."""
+    from lmmfast import blocks
+
+    monkeypatch.setattr(blocks, "RE_SPARSE_MAX", sparse_max)
+    model = _three_crossed_factors()
+    theta = np.abs(np.random.default_rng(7).normal(size=model.ntheta)) + 0.2
+    a = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets,
+                                    transposed=False))
+    b = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets,
+                                    transposed=True))
+    assert (b._f.lptr_arr is None) == (sparse_max == 0.0)
+    fa, fb = a.objective(theta, True), b.objective(theta, True)
+    np.testing.assert_allclose(np.tril(a.L22), np.tril(b.L22), rtol=1e-10, atol=1e-10)
+    assert fb == pytest.approx(fa, rel=1e-12)
+    Z, X, y = dense_parts(model)
+    Lam = dense_lambda(model.terms, theta, model.theta_offsets)
+    assert fb == pytest.approx(dense_objective(Z, X, y, Lam, True), rel=1e-9)
+
+
+def test_factor_object_rejects_a_bad_lower_pattern():
+    model = _three_crossed_factors()
+    xp = BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets, transposed=True)
+    ptr, cols = xp.re_lower_pattern()
+    bad = cols.copy()
+    bad[-1] = xp.nz                                  # beyond its row
+    xp.re_lower_pattern = lambda: (ptr, bad)
+    with pytest.raises(ValueError, match="lower pattern"):
+        _pls.BlockedFactor(xp)
