@@ -37,6 +37,40 @@ from lmmfast._dense cimport (BLAS_MIN, GATHER_MAX, chol_lower, dot4, downdate,
 
 cnp.import_array()
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* The X/y rows' share of a scalar level's downdate (xy_accumulate, k1 = 1), in copies
+       for AVX-512, AVX2 and the baseline picked when the module loads (GCC's and Clang's
+       target_clones, where the platform resolves them: x86-64 Linux).  Each element is
+       the same multiply and add in every copy (no fused multiply-add: ISO C mode), so
+       the copies give the same bits. */
+    #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+    #define LMMFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+    #else
+    #define LMMFAST_CLONES
+    #endif
+    LMMFAST_CLONES
+    static void lmmfast_xy_scalar(const double* v, Py_ssize_t nzr, const int64_t* rows,
+                                  Py_ssize_t nxy, double* W, double* XX) {
+        const double* vx = v + nzr;
+        for (Py_ssize_t t = 0; t < nzr; t++) {
+            const double s = v[t];
+            double* w = W + rows[t] * nxy;
+            for (Py_ssize_t a = 0; a < nxy; a++)
+                w[a] += s * vx[a];
+        }
+        for (Py_ssize_t a = 0; a < nxy; a++) {
+            const double xa = vx[a];
+            double* xx = XX + a * nxy;
+            for (Py_ssize_t b = 0; b <= a; b++)
+                xx[b] += xa * vx[b];
+        }
+    }
+    """
+    void lmmfast_xy_scalar(const double* v, Py_ssize_t nzr, const cnp.int64_t* rows,
+                           Py_ssize_t nxy, double* W, double* XX) noexcept nogil
+
 # Size rules (BLAS_MIN and GATHER_MAX, shared with the gradient, are in _dense.pxd;
 # SMALL_CHOL, shared with _pls, in _blockchol.pxd).  Batched rank-K updates of up to this
 # many multiply-adds run as plain loops: BLAS calls cost more.
@@ -130,14 +164,7 @@ cdef void xy_accumulate(const double* v, Py_ssize_t nr, Py_ssize_t k1,
     cdef double s
     cdef double* w
     if k1 == 1:
-        for t in range(nzr):
-            s = v[t]
-            w = W + rows[t] * nxy
-            for a in range(nxy):
-                w[a] += s * vx[a]
-        for a in range(nxy):
-            for b in range(a + 1):
-                XX[a * nxy + b] += vx[a] * vx[b]
+        lmmfast_xy_scalar(v, nzr, rows, nxy, W, XX)
         return
     for t in range(nzr):
         w = W + rows[t] * nxy
