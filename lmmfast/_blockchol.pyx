@@ -623,3 +623,36 @@ def symmetrize_lower(double[:, ::1] A):
     with nogil:
         symmetrize_tiles(&A[0, 0], n, n)
 
+
+
+def lower_nonzeros(const double[:, ::1] A, Py_ssize_t nz, Py_ssize_t limit=-1):
+    """The strictly lower nonzeros of the leading ``nz`` × ``nz`` block of the row-major
+    ``A``: (ptr, cols) in CSR form (int64 row pointers, int32 ascending columns per row),
+    or None when there are more than ``limit`` of them (``limit`` < 0: no limit).  One
+    pass over the triangle, then one to collect (numpy oracle: ``np.nonzero(np.tril(A[:nz,
+    :nz], -1))``)."""
+    cdef Py_ssize_t r, u, total = 0, pos
+    if nz < 0 or nz > A.shape[0] or nz > A.shape[1]:
+        raise ValueError(f"nz must be within A's shape {A.shape[0]}×{A.shape[1]}, not {nz}")
+    if nz >= 2 ** 31:
+        raise ValueError("the block is too large for 32-bit column indices")
+    ptr = np.zeros(nz + 1, dtype=np.int64)
+    cdef cnp.int64_t[::1] pv = ptr
+    with nogil:
+        for r in range(nz):
+            for u in range(r):
+                if A[r, u] != 0.0:
+                    total += 1
+            pv[r + 1] = total
+    if 0 <= limit < total:
+        return None
+    cols = np.empty(total, dtype=np.int32)
+    cdef cnp.int32_t[::1] cv = cols
+    with nogil:
+        pos = 0
+        for r in range(nz):
+            for u in range(r):
+                if A[r, u] != 0.0:
+                    cv[pos] = <cnp.int32_t>u
+                    pos += 1
+    return ptr, cols

@@ -247,46 +247,39 @@ class BlockedCrossprod:
     def re_block(self):
         """A22's random-effects block Z_rest'Z_rest (nz × nz, symmetric) as a
         ``scipy.sparse.csr_matrix``, or None where more than :data:`RE_SPARSE_MAX` of it is
-        nonzero.  One pass over the block, on first use (it is diagonal for one later
-        scalar term, and has the level pairs' counts off the diagonal for several)."""
-        if self._re_block is not None:
-            return self._re_block[0]
-        import scipy.sparse as sp
-
-        nz = self.nz
-        out = None
-        if nz:
-            A = self.A22
-            step = max(1, 2 ** 20 // nz)               # rows per scan: ~1 M entries
-            rs, cs = [], []
-            total, limit = 0, RE_SPARSE_MAX * nz * nz
-            for r0 in range(0, nz, step):
-                r, c = np.nonzero(A[r0: min(r0 + step, nz), :nz])
-                total += len(r)
-                if total > limit:
-                    break
-                rs.append(r + r0)
-                cs.append(c)
-            else:
-                r = np.concatenate(rs)
-                c = np.concatenate(cs)
-                indptr = np.zeros(nz + 1, dtype=np.int64)
-                np.cumsum(np.bincount(r, minlength=nz), out=indptr[1:])
-                out = sp.csr_matrix((A[r, c], c.astype(np.int32), indptr), shape=(nz, nz))
-        self._re_block = (out,)
-        return out
+        nonzero.  One pass over its lower triangle, on first use (it is diagonal for one
+        later scalar term, and has the level pairs' counts off the diagonal for several)."""
+        self._re_scan()
+        return self._re_block[1]
 
     def re_lower_pattern(self):
         """(ptr, cols) of the random-effects rows' strictly lower nonzeros of A22 (CSR, int64
         pointers and int32 columns), or None where :meth:`re_block` is None."""
-        B = self.re_block()
-        if B is None:
-            return None
-        r = np.repeat(np.arange(self.nz, dtype=np.int64), np.diff(B.indptr))
-        keep = B.indices < r
-        ptr = np.zeros(self.nz + 1, dtype=np.int64)
-        np.cumsum(np.bincount(r[keep], minlength=self.nz), out=ptr[1:])
-        return ptr, np.ascontiguousarray(B.indices[keep], dtype=np.int32)
+        self._re_scan()
+        return self._re_block[0]
+
+    def _re_scan(self):
+        if self._re_block is not None:
+            return
+        import scipy.sparse as sp
+
+        nz = self.nz
+        low = B = None
+        if nz:
+            # off the diagonal: at most the fraction's worth less the diagonal, halved
+            limit = max(int((RE_SPARSE_MAX * nz * nz - nz) / 2), 0)
+            low = _blockchol.lower_nonzeros(self.A22, nz, limit)
+        if low is not None:
+            ptr, cols = low
+            r = np.repeat(np.arange(nz, dtype=np.int64), np.diff(ptr))
+            A = self.A22
+            vals = A[r, cols]
+            d = np.arange(nz)
+            rows = np.concatenate([r, cols, d])
+            cc = np.concatenate([cols, r, d])
+            B = sp.csr_matrix((np.concatenate([vals, vals, A[d, d]]), (rows, cc)),
+                              shape=(nz, nz))
+        self._re_block = (low, B)
 
     def dense_times(self, V):
         """A22 @ V (V: (D,) or (D, K)) by the blocks: the random-effects block sparse where

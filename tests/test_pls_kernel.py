@@ -633,3 +633,20 @@ def test_factor_object_rejects_a_bad_lower_pattern():
     xp.re_lower_pattern = lambda: (ptr, bad)
     with pytest.raises(ValueError, match="lower pattern"):
         _pls.BlockedFactor(xp)
+
+
+@pytest.mark.parametrize("nz", [0, 1, 2, 7, 40])
+def test_lower_nonzeros_match_numpy(nz):
+    rng = np.random.default_rng(nz)
+    D = nz + 3
+    A = rng.normal(size=(D, D)) * (rng.random((D, D)) < 0.2)
+    got = _blockchol.lower_nonzeros(A, nz)
+    r, c = np.nonzero(np.tril(A[:nz, :nz], -1))
+    ptr, cols = got
+    assert np.array_equal(np.repeat(np.arange(nz), np.diff(ptr)), r)
+    assert np.array_equal(cols, c) and cols.dtype == np.int32
+    if len(c):
+        assert _blockchol.lower_nonzeros(A, nz, len(c) - 1) is None
+        assert _blockchol.lower_nonzeros(A, nz, len(c)) is not None
+    with pytest.raises(ValueError, match="within"):
+        _blockchol.lower_nonzeros(A, D + 1)
