@@ -149,7 +149,7 @@ class BlockedCrossprod:
         self.rs_index = rs_index
         self.tflat_index = np.asarray(tflat_index, dtype=np.int64)
         self.t1_index = np.asarray(_tril_map(self.k1, theta_offsets[0]), dtype=np.int64)
-        self._re_block = None         # re_block(): (computed, CSR or None)
+        self._re_block = None         # _re_scan: (lower pattern, CSR block), None where dense
         if self.obs is not None:
             self.obs.lam, self.obs.assign = self.obs.lam_plan(self.A22, self.rk, D)
 
@@ -285,7 +285,7 @@ class BlockedCrossprod:
         """A22 @ V (V: (D,) or (D, K)) by the blocks: the random-effects block sparse where
         :meth:`re_block` is, the X/y rows dense (scipy's BLAS, the factorization's: numpy's
         OpenBLAS would leave its threads spinning against the next evaluation)."""
-        from scipy.linalg.blas import dgemm, dgemv
+        from scipy.linalg.blas import dgemm
 
         V = np.asarray(V, dtype=np.float64)
         nz, D = self.nz, self.D

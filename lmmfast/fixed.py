@@ -207,9 +207,10 @@ class ColumnFrame:
     """
 
     def __init__(self, data, used: list, complete, n: int, arrays=None, dtypes=None,
-                 factorized=None):
+                 factorized=None, categoricals=None):
         self._data, self.columns = data, list(used)
         self._factorized = dict(factorized or {})   # long text columns: (codes, uniques)
+        self._categoricals = dict(categoricals or {})   # full-length pandas Categoricals
         self._mask = complete                  # None: every row is complete
         self._cache = {}
         self._arrays = dict(arrays or {})      # full-length numpy values already fetched
@@ -241,6 +242,25 @@ class ColumnFrame:
                 v = a if self._mask is None else a[self._mask]
             self._values[name] = v
         return v
+
+    def categorical_of(self, name):
+        """A categorical column over the complete rows as (int64 codes, categories), its
+        unused categories dropped (as :meth:`__getitem__`'s Series), read from the
+        Categorical itself (a Series costs tens of µs: on a small model a tenth of the
+        whole fit per grouping factor); None for other columns."""
+        arr = self._categoricals.get(name)
+        if arr is None:
+            return None
+        codes = np.asarray(arr.codes)
+        if self._mask is not None:
+            codes = codes[self._mask]
+        cats = arr.categories
+        used = np.bincount(codes[codes >= 0], minlength=len(cats)) > 0
+        if not used.all():
+            remap = np.cumsum(used) - 1
+            codes = np.where(codes >= 0, remap[np.maximum(codes, 0)], -1)
+            cats = cats[used]
+        return codes.astype(np.int64), cats
 
     def codes_of(self, name):
         """``pandas.factorize`` of a long text column, as the model frame found its missing
@@ -385,6 +405,7 @@ def model_frame(mf, data) -> ModelFrame:
         need(set(bar.factors), f"the grouping factor of random-effects term {bar}")
     missing = []                                # per column with missing values: the mask
     arrays = {}                                 # numpy values, converted once
+    categoricals = {}                           # pandas Categoricals, as the data holds them
     dtypes = {}
     factorized = {}                             # long text columns: codes, uniques
     long = len(data) >= _FACTORIZE_MIN
@@ -400,6 +421,7 @@ def model_frame(mf, data) -> ModelFrame:
             raise DataError(f"column {c!r} holds complex numbers; a mixed model's variables "
                             "are real: use its real part, modulus or angle as a column")
         if isinstance(dt, pd.CategoricalDtype):                     # missing: code -1
+            categoricals[c] = raw
             miss = raw.codes < 0
         else:
             arr = arrays[c] = raw if isinstance(raw, np.ndarray) else raw.to_numpy()
@@ -432,7 +454,7 @@ def model_frame(mf, data) -> ModelFrame:
         raise DataError(f"no rows left after dropping the {n_drop} rows with a missing value in "
                         f"the model's columns ({', '.join(used)})")
     row_index = data.index[complete] if n_drop else data.index
-    frame = ColumnFrame(data, used, complete, n, arrays, dtypes, factorized)
+    frame = ColumnFrame(data, used, complete, n, arrays, dtypes, factorized, categoricals)
     return ModelFrame(frame, n_drop, row_index)
 
 

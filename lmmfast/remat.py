@@ -115,7 +115,11 @@ def grouping_factor(frame, factors: tuple, term: str):
                                      f"is not a column of the data")
         array_of = getattr(frame, "array_of", None)     # a model frame (unused levels dropped)
         try:
-            if array_of is None:
+            got = frame.categorical_of(f) if array_of is not None else None
+            if got is not None:                         # a Categorical's codes: no Series
+                c, idx = got
+                lab = [str(x) for x in idx.tolist()]
+            elif array_of is None:
                 c, lab, idx = factor_codes(frame[f])
             elif isinstance(frame.dtype_of(f), pd.CategoricalDtype):
                 c, lab, idx = factor_codes(frame[f], used_only=True)

@@ -273,6 +273,27 @@ def test_missing_in_categorical_grouping_factor_drops_the_row(df):
     assert list(fit.ranef["g"].index) == list(ref.ranef["g"].index)      # unused level dropped
 
 
+def test_categorical_grouping_factor_keeps_category_order_and_drops_levels_left_empty(df):
+    """A grouping factor given as a Categorical: its levels in category order (R's factor
+    levels), a level whose rows all have a missing value elsewhere dropped with them, the
+    same fit as on the complete rows with that level never there."""
+    levels = sorted(df["g"].unique())
+    order = levels[::-1]                                  # not sorted: category order rules
+    d = df.assign(g=pd.Categorical(df["g"], categories=order))
+    gone = order[1]
+    d.loc[d["g"] == gone, "x"] = np.nan                   # every row of one level dropped
+    fit = lmmfast.lmer("y ~ x + (1 | g)", d)
+    keep = df[df["g"] != gone]
+    ref = lmmfast.lmer("y ~ x + (1 | g)", keep.assign(
+        g=pd.Categorical(keep["g"], categories=[c for c in order if c != gone])))
+    assert fit.n_dropped == int((df["g"] == gone).sum())
+    assert list(fit.ranef["g"].index) == [c for c in order if c != gone]
+    assert list(fit.ranef["g"].index) == list(ref.ranef["g"].index)
+    assert fit.objective == pytest.approx(ref.objective, rel=1e-12)
+    np.testing.assert_allclose(fit.ranef["g"].to_numpy(), ref.ranef["g"].to_numpy(),
+                               rtol=1e-8, atol=1e-10)
+
+
 def _exact_response_frame(n=2000):
     """A response constant within the levels of ``id`` (a subject-level covariate used as
     the response): (1 | id) fits it exactly."""
