@@ -46,6 +46,26 @@ cdef int _holders = 0
 cdef int _shared_saved[MAX_BLAS_SETTERS]
 
 
+def _after_fork_in_child():
+    """A forked child has only the forking thread: sections other threads had open never
+    end there.  A new lock (one held at the fork stays held), and the process-wide
+    settings given back if a section was open."""
+    global _lock, _holders
+    cdef int i
+    _lock = PyThread_allocate_lock()
+    if _holders > 0:
+        for i in range(_nsetters):
+            if _shared[i]:
+                _setters[i](_shared_saved[i])
+    _holders = 0
+
+
+import os as _os
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def register_blas_setters(addresses, shared=None):
     """Register the addresses of the BLAS libraries' ``int f(int)`` thread setters
     (``openblas_set_num_threads_local``: sets the BLAS threads, returns the previous

@@ -148,6 +148,7 @@ def recording_setter():
     calls = []
     state = {}
     lock = threading.Lock()
+    threads.register()          # first: a model built later must not register the real ones
 
     @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
     def setter(n):
@@ -210,6 +211,7 @@ def process_wide_setter():
     process, whichever thread sets it; the real setters are registered again afterwards."""
     state = {"n": 5, "calls": 0}
     lock = threading.Lock()
+    threads.register()          # first: a model built later must not register the real ones
 
     @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
     def setter(n):
@@ -254,6 +256,51 @@ def test_factorizations_on_two_threads_give_a_process_wide_setting_back(monkeypa
     assert len(seen) == 400
     assert state["n"] == 5
     assert state["calls"] >= 2 and state["calls"] % 2 == 0
+
+
+def test_fork_while_another_thread_sets_blas_threads_leaves_the_child_working(monkeypatch):
+    """A fork while another thread is inside the BLAS setting's lock (its setter call
+    blocked): the child, which has no such thread, must still factor (a new lock), not hang
+    on the one the vanished thread held."""
+    import os
+    import signal
+
+    state = {"n": 5}
+    entered, release = threading.Event(), threading.Event()
+    main = threading.main_thread()
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+    def setter(n):
+        if threading.current_thread() is not main and not release.is_set():
+            entered.set()
+            release.wait(30)
+        prev, state["n"] = state["n"], n
+        return prev
+
+    threads.register()          # first: a model built later must not register the real ones
+    model = crossed_model("y ~ 1 + x + (1|g1) + (1|g2)", n=3000, n1=40, n2=25)
+    _chol.register_blas_setters([ctypes.cast(setter, ctypes.c_void_p).value], [True])
+    try:
+        monkeypatch.setattr(threads, "_registered", 1)
+        a, b = (BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y,
+                                            model.theta_offsets)) for _ in range(2))
+        assert a._f.blas_single and b._f.blas_single
+        t = threading.Thread(target=lambda: b.factor(model.theta_start))
+        t.start()
+        assert entered.wait(30)
+        pid = os.fork()
+        if pid == 0:                                   # child: must not hang
+            signal.alarm(30)
+            ok = a.factor(model.theta_start) == 0 and state["n"] == 5
+            os._exit(0 if ok else 1)
+        release.set()
+        t.join()
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert state["n"] == 5
+    finally:
+        release.set()
+        _chol.register_blas_setters(*threads.blas_setters())
 
 
 def test_fits_on_two_threads_leave_blas_threads_as_they_were():
