@@ -390,15 +390,22 @@ def test_transposed_downdate_matches_per_level_and_dense(formula):
     df, _ = lmmfast.simulate.crossed(3000, 150, 40, slope=True, seed=3)
     df["f"] = np.random.default_rng(4).integers(0, 6, len(df)).astype(str)   # a wide fixed part
     model = LinearMixedModel(formula, df, REML=True, method="blocked")
+    check_transposed_downdate(model)
+
+
+def check_transposed_downdate(model):
+    """At a random θ, the transposed downdate's factor equals the per-level one and its
+    objective the dense oracle's; returns the transposed PLS."""
     theta = np.abs(np.random.default_rng(7).normal(size=model.ntheta)) + 0.2
-    a = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets, transposed=False))
-    b = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets, transposed=True))
+    a, b = (BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets,
+                                        transposed=tr)) for tr in (False, True))
     fa, fb = a.objective(theta, True), b.objective(theta, True)
     np.testing.assert_allclose(np.tril(a.L22), np.tril(b.L22), rtol=1e-10, atol=1e-10)
     assert fb == pytest.approx(fa, rel=1e-12)
     Z, X, y = dense_parts(model)
     Lam = dense_lambda(model.terms, theta, model.theta_offsets)
     assert fb == pytest.approx(dense_objective(Z, X, y, Lam, True), rel=1e-9)
+    return b
 
 
 @pytest.mark.parametrize("n", [0, 1, 37, 64, 65, 200])
@@ -609,19 +616,8 @@ def test_transposed_downdate_reading_a22_at_its_nonzeros_equals_dense(monkeypatc
     from lmmfast import blocks
 
     monkeypatch.setattr(blocks, "RE_SPARSE_MAX", sparse_max)
-    model = _three_crossed_factors()
-    theta = np.abs(np.random.default_rng(7).normal(size=model.ntheta)) + 0.2
-    a = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets,
-                                    transposed=False))
-    b = BlockedPLS(BlockedCrossprod(model.terms, model.X, model.y, model.theta_offsets,
-                                    transposed=True))
+    b = check_transposed_downdate(_three_crossed_factors())
     assert (b._f.lptr_arr is None) == (sparse_max == 0.0)
-    fa, fb = a.objective(theta, True), b.objective(theta, True)
-    np.testing.assert_allclose(np.tril(a.L22), np.tril(b.L22), rtol=1e-10, atol=1e-10)
-    assert fb == pytest.approx(fa, rel=1e-12)
-    Z, X, y = dense_parts(model)
-    Lam = dense_lambda(model.terms, theta, model.theta_offsets)
-    assert fb == pytest.approx(dense_objective(Z, X, y, Lam, True), rel=1e-9)
 
 
 def test_factor_object_rejects_a_bad_lower_pattern():
