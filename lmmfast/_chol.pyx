@@ -71,7 +71,9 @@ def register_blas_setters(addresses, shared=None):
     (``openblas_set_num_threads_local``: sets the BLAS threads, returns the previous
     setting); replaces earlier registrations.  ``shared[i]`` (default False) says that
     setter i acts on the whole process, not the calling thread alone (OpenBLAS built with
-    pthreads rather than OpenMP).  Returns how many are kept."""
+    pthreads rather than OpenMP).  Returns how many are kept.  Call it while no
+    factorization runs (``lmmfast.threads.register`` does, once per process; tests swap in
+    stand-ins): the count of open sections starts again from 0."""
     global _nsetters, _nshared, _holders
     cdef Py_ssize_t a
     addrs = [int(x) for x in addresses][:MAX_BLAS_SETTERS]
@@ -126,7 +128,8 @@ cdef void blas_restore_threads(const int* saved) noexcept nogil:
             _setters[i](saved[i])
     if _nshared:
         PyThread_acquire_lock(_lock, WAIT_LOCK)
-        _holders -= 1
+        if _holders > 0:             # (0: the setters were registered again meanwhile)
+            _holders -= 1
         if _holders == 0:
             for i in range(_nsetters):
                 if _shared[i]:
