@@ -42,10 +42,10 @@ cdef extern from *:
     #include <stdint.h>
     /* The X/y rows' share of a scalar level's downdate (xy_accumulate, k1 = 1), in copies
        for AVX-512, AVX2 and the baseline picked when the module loads (GCC's and Clang's
-       target_clones, where the platform resolves them: x86-64 Linux).  Each element is
+       target_clones, where the platform resolves them: x86-64 glibc).  Each element is
        the same multiply and add in every copy (no fused multiply-add: ISO C mode), so
        the copies give the same bits. */
-    #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+    #if defined(__x86_64__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
     #define LMMFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
     #else
     #define LMMFAST_CLONES
