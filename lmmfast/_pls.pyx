@@ -301,11 +301,10 @@ cdef class BlockedFactor:
             if np.any(ip[lv + 1] - ip[lv] < nxy) or not np.array_equal(
                     tail, np.broadcast_to(self.nz + np.arange(nxy), tail.shape)):
                 raise ValueError("every panel must end with the X/y rows of the dense block")
-            # the transposed downdate, where it writes the random-effects rows itself
-            # (scalar later terms, no batched or heavy levels), reads A22 at its nonzeros
-            fused = (np.all(np.asarray(xp.rk) == 1) and len(self.heavy_arr) == 0
-                     and self.nbatch == self.m1)
-            pattern = getattr(xp, "re_lower_pattern", lambda: None)() if fused else None
+            # A22's random-effects nonzeros: the transposed downdate reads A22 there alone
+            # where it writes those rows itself (update_blocked_core's ``fused``); the
+            # pattern, kept on xp, also serves its products (BlockedCrossprod.dense_times)
+            pattern = getattr(xp, "re_lower_pattern", lambda: None)()
             if pattern is not None:
                 self.lptr_arr, self.lcol_arr = pattern
                 if len(self.lptr_arr) != self.nz + 1 or not _lower_pattern_ok(

@@ -254,12 +254,7 @@ class ColumnFrame:
         codes = np.asarray(arr.codes)
         if self._mask is not None:
             codes = codes[self._mask]
-        cats = arr.categories
-        used = np.bincount(codes[codes >= 0], minlength=len(cats)) > 0
-        if not used.all():
-            remap = np.cumsum(used) - 1
-            codes = np.where(codes >= 0, remap[np.maximum(codes, 0)], -1)
-            cats = cats[used]
+        codes, cats = _used_categories(codes, arr.categories)
         return codes.astype(np.int64), cats
 
     def codes_of(self, name):
@@ -315,14 +310,22 @@ def drop_unused_categories(col: pd.Series) -> pd.Series:
     """``col.cat.remove_unused_categories()`` in O(n) (pandas sorts all n codes to find
     the used ones: seconds on ten million rows); the column itself when all are used."""
     arr = col.array                      # the Categorical itself: no Series per access
-    codes, cats = arr.codes, arr.categories
+    codes, cats = _used_categories(arr.codes, arr.categories)
+    if len(cats) == len(arr.categories):
+        return col
+    cat = pd.Categorical.from_codes(codes, categories=cats, ordered=arr.ordered)
+    return pd.Series(cat, index=col.index, name=col.name)
+
+
+def _used_categories(codes, cats):
+    """(codes, categories) with the categories no code uses dropped and the codes
+    renumbered (-1, missing, kept): one bincount, O(n); the inputs themselves when all
+    are used."""
     used = np.bincount(codes[codes >= 0], minlength=len(cats)) > 0
     if used.all():
-        return col
+        return codes, cats
     remap = np.cumsum(used) - 1
-    new = np.where(codes >= 0, remap[np.maximum(codes, 0)], -1)
-    cat = pd.Categorical.from_codes(new, categories=cats[used], ordered=arr.ordered)
-    return pd.Series(cat, index=col.index, name=col.name)
+    return np.where(codes >= 0, remap[np.maximum(codes, 0)], -1), cats[used]
 
 
 def _plain_index(idx) -> bool:

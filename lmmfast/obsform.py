@@ -207,13 +207,7 @@ class ObsData:
         lam : (nlam, 2) int64
         assign : (nblk,) int64, 1 where block b's pairs write it alone
         """
-        rk = np.asarray(rk, dtype=np.int64)
-        starts = []
-        r = 0
-        while r < D:
-            starts.append(r)
-            r += max(int(rk[r]), 1)
-        starts = np.asarray(starts, dtype=np.int64)
+        starts = unit_starts(rk, D)
         nzA = (np.asarray(A22)[:D, :D] != 0).astype(np.int64)
         nzA = np.add.reduceat(np.add.reduceat(nzA, starts, axis=0), starts, axis=1)
         ui = np.searchsorted(starts, self.bpos[:, 0])
@@ -231,6 +225,17 @@ class ObsData:
         return sum(a.nbytes for a in (self.optr, self.z1, self.upos, self.uprow, self.uz,
                                       self.xy, self.soff, self.mbase, self.bptr, self.bpos,
                                       self.pair, self.lam, self.assign) if a is not None)
+
+
+def unit_starts(rk, D: int) -> np.ndarray:
+    """The first row of each unit of the dense block (a later term's level, ``rk`` rows
+    from its first; a scalar row), as int64."""
+    starts = []
+    r = 0
+    while r < D:
+        starts.append(r)
+        r += max(int(rk[r]), 1)
+    return np.asarray(starts, dtype=np.int64)
 
 
 def checked_arrays(ob, indptr, rows, rk, nz: int, D: int, k1: int, lam, assign) -> dict:
@@ -334,10 +339,7 @@ def checked_arrays(ob, indptr, rows, rk, nz: int, D: int, k1: int, lam, assign) 
             or lam.shape[1] != 2:
         raise ValueError("observation form: the blocks' plan does not match the blocks")
     unit = np.zeros(D, dtype=bool)
-    r = 0
-    while r < D:
-        unit[r] = True
-        r += max(int(rk[r]), 1)
+    unit[unit_starts(rk, D)] = True
     cells = np.concatenate([lam, bpos[assign == 1]]) if nblk else lam
     if (np.any(cells < 0) or np.any(cells >= D) or not unit[cells].all()
             or np.any(cells[:, 0] < cells[:, 1])

@@ -30,7 +30,7 @@ def lme4_name(name: str) -> str:
     return ":".join(_LEVEL.sub(r"\1", part) for part in name.split(":"))
 
 
-def factor_codes(col, values=None, used_only: bool = False, factorized=None):
+def factor_codes(col, values=None, factorized=None):
     """Codes 0..m-1, level labels and level values of a column used as a factor.
 
     Levels are sorted as R's ``factor()`` does under ``sort(method = "radix")``: strings
@@ -38,14 +38,13 @@ def factor_codes(col, values=None, used_only: bool = False, factorized=None):
     (unused categories dropped).  ``values``: the column's numpy values when already at
     hand, a model frame's (no missing values: short object columns are then coded by a
     dict); ignored for a Categorical; ``col`` may then be None (the values are not a
-    Categorical's).  ``used_only``: a Categorical known to use all its categories (a model
-    frame's columns).  ``factorized``: ``pandas.factorize`` of ``values`` (codes, uniques),
+    Categorical's).  ``factorized``: ``pandas.factorize`` of ``values`` (codes, uniques),
     done already (a model frame's long text columns): only the levels are then sorted.
     """
     if col is not None and isinstance(col.dtype, pd.CategoricalDtype):
         from .fixed import drop_unused_categories
 
-        arr = (col if used_only else drop_unused_categories(col)).array
+        arr = drop_unused_categories(col).array
         cats = arr.categories
         return arr.codes.astype(np.int64), [str(c) for c in cats.tolist()], cats
     complete = values is not None          # a model frame's values: no missing ones
@@ -121,8 +120,6 @@ def grouping_factor(frame, factors: tuple, term: str):
                 lab = [str(x) for x in idx.tolist()]
             elif array_of is None:
                 c, lab, idx = factor_codes(frame[f])
-            elif isinstance(frame.dtype_of(f), pd.CategoricalDtype):
-                c, lab, idx = factor_codes(frame[f], used_only=True)
             else:                                       # its values: no Series needed
                 c, lab, idx = factor_codes(None, array_of(f), factorized=frame.codes_of(f))
         except TypeError as e:                          # lists, dicts, sets ...

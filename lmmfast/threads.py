@@ -15,10 +15,9 @@ So the kernels (1) factor a large dense block (see ``_pls.TILED_MIN``; any block
 threads, calling BLAS on each thread alone through OpenBLAS's thread-local setting
 (``openblas_set_num_threads_local``, OpenBLAS 0.3.27 and later), and a small one on one
 BLAS thread; middling blocks keep OpenBLAS's threads, which there are faster alone; and (2)
-load OpenMP with the
-passive wait policy unless the user chose one (``OMP_WAIT_POLICY``): the setting is read
-once, when the OpenMP runtime is loaded, and the environment is given back unchanged right
-after.  Where BLAS has no thread-local setting (another BLAS, an older OpenBLAS), BLAS runs
+load OpenMP with the passive wait policy unless the user chose one (``OMP_WAIT_POLICY``):
+the setting is read once, when the OpenMP runtime is loaded, and the environment is given
+back unchanged right after.  Where BLAS has no thread-local setting (another BLAS, an older OpenBLAS), BLAS runs
 with its own threads.
 
 That setting is thread-local only in OpenBLAS's OpenMP builds.  In its pthreads builds
